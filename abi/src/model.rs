@@ -63,11 +63,9 @@ impl IpcacheEntry {
                 u128::from(u32::from(*o)) << 96,
                 u32::from(self.prefix_len),
             ),
-            (IpAddr::V6(m), IpAddr::V6(o)) => (
-                u128::from(m),
-                u128::from(*o),
-                u32::from(self.prefix_len),
-            ),
+            (IpAddr::V6(m), IpAddr::V6(o)) => {
+                (u128::from(m), u128::from(*o), u32::from(self.prefix_len))
+            }
             _ => return false,
         };
         if bits == 0 {
@@ -147,7 +145,11 @@ impl TableIndex<'_> {
         let class = self.port_class(q.proto, q.port);
         let key = |id, proto, class| PolicyKey::new(0, q.slot, q.direction, id, proto, class);
         let ids = [identity, IDENTITY_ANY];
-        let ids = if identity == IDENTITY_ANY { &ids[1..] } else { &ids[..] };
+        let ids = if identity == IDENTITY_ANY {
+            &ids[1..]
+        } else {
+            &ids[..]
+        };
         for &id in ids {
             let Some(v1) = self.policy.get(&key(id, PROTO_ANY, PORT_CLASS_ANY)) else {
                 continue;
@@ -197,7 +199,10 @@ mod tests {
                 class: 1,
             }],
             policy: vec![
-                (PolicyKey::new(0, 0, DIR_INGRESS, IDENTITY_ANY, 0, 0), v(0, 0, 0)),
+                (
+                    PolicyKey::new(0, 0, DIR_INGRESS, IDENTITY_ANY, 0, 0),
+                    v(0, 0, 0),
+                ),
                 (
                     PolicyKey::new(0, 0, DIR_INGRESS, 2, 0, 0),
                     v(0, VERDICT_REFINE, 0),
@@ -220,7 +225,10 @@ mod tests {
         };
         assert_eq!(idx.decide(&q("10.1.2.3", 6, 5432)), Some(v(1, 0, 7)));
         assert_eq!(idx.decide(&q("10.1.2.3", 6, 22)).map(|v| v.action), Some(0));
-        assert_eq!(idx.decide(&q("10.1.2.3", 17, 5432)).map(|v| v.action), Some(0));
+        assert_eq!(
+            idx.decide(&q("10.1.2.3", 17, 5432)).map(|v| v.action),
+            Some(0)
+        );
         assert_eq!(idx.decide(&q("192.0.2.1", 6, 5432)), Some(v(0, 0, 0)));
         let mut other = q("10.1.2.3", 6, 5432);
         other.slot = 1;

@@ -245,8 +245,27 @@ pub struct FlowEvent {
     /// `REASON_*`.
     pub reason: u8,
     pub tcp_flags: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 10],
 }
+
+// The layouts are the contract: a size change must be a deliberate LAYOUT_VERSION bump.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<Config>() == 16);
+    assert!(size_of::<EndpointKey>() == 8);
+    assert!(size_of::<EndpointInfo>() == 16);
+    assert!(size_of::<EndpointAddrKey>() == 24);
+    assert!(size_of::<IpcacheKey>() == 20);
+    assert!(size_of::<PolicyKey>() == 20);
+    assert!(size_of::<Verdict>() == 8);
+    assert!(size_of::<CtKey>() == 44);
+    assert!(size_of::<CtEntry>() == 24);
+    assert!(size_of::<FragKey>() == 44);
+    assert!(size_of::<RuleStats>() == 24);
+    assert!(size_of::<EndpointStats>() == 104);
+    assert!(size_of::<EventBudget>() == 16);
+    assert!(size_of::<FlowEvent>() == 88);
+};
 
 /// Convert an IPv4 address (network order octets) to the v4-mapped form used in keys.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {

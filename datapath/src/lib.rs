@@ -1,1 +1,186 @@
+//! Loads, pins and programs the Bulkhead eBPF datapath.
+//!
+//! Work in progress: this first step loads the programs with every map pinned under a
+//! versioned directory and runs them on crafted packets (`BPF_PROG_TEST_RUN`). Attaching
+//! (TCX, pinned links) and the atomic table swap come next (see ARCHITECTURE.md).
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::{Ebpf, EbpfLoader};
+use bulkhead_abi::*;
+
+/// The compiled eBPF object (both TC programs and every map).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("cannot create pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+}
+
+/// The loaded datapath: programs verified by this kernel, maps pinned.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+/// Which TC program: `from_vm` judges what a VM sends, `to_vm` what it receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    FromVm,
+    ToVm,
+}
+
+impl Hook {
+    pub fn program_name(self) -> &'static str {
+        match self {
+            Hook::FromVm => "from_vm",
+            Hook::ToVm => "to_vm",
+        }
+    }
+}
+
+/// Result of running a program on one crafted packet.
+#[derive(Debug)]
+pub struct TestRunOutcome {
+    /// The TC action returned (as the kernel reports it).
+    pub action: i32,
+    pub packet_out: Vec<u8>,
+    pub duration: Duration,
+}
+
+impl Datapath {
+    /// Load the programs with every map pinned under `pin_root/v{LAYOUT_VERSION}` (existing
+    /// pins of the same layout are reused: enforcement state survives the loader).
+    pub fn load(pin_root: &Path) -> Result<Self, DatapathError> {
+        let pin_dir = pin_root.join(format!("v{LAYOUT_VERSION}"));
+        std::fs::create_dir_all(&pin_dir).map_err(|source| DatapathError::PinDir {
+            path: pin_dir.clone(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .load(EBPF_OBJECT)?;
+        for hook in [Hook::FromVm, Hook::ToVm] {
+            let name = hook.program_name();
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingMap(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(Self { ebpf, pin_dir })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Run one hook's program on a crafted Ethernet frame, as if seen on `ifindex` with
+    /// `skb->mark = mark`.
+    pub fn test_run(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        ifindex: u32,
+        mark: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutcome, DatapathError> {
+        let name = hook.program_name();
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        // struct __sk_buff up to `ifindex`: the fields BPF_PROG_TEST_RUN lets us set.
+        let mut ctx = [0u8; 44];
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        opts.repeat = repeat.max(1);
+        let r = prog
+            .test_run(opts)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        out.truncate(r.data_size_out as usize);
+        Ok(TestRunOutcome {
+            action: r.return_value as i32,
+            packet_out: out,
+            duration: r.duration,
+        })
+    }
+
+    fn take<T>(&mut self, name: &'static str) -> Result<T, DatapathError>
+    where
+        T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Typed handles on the maps (taken out of the loader; call once).
+    pub fn maps(&mut self) -> Result<Maps, DatapathError> {
+        Ok(Maps {
+            config: self.take("CONFIG")?,
+            endpoints: self.take("ENDPOINTS")?,
+            ep_addrs: self.take("EP_ADDRS")?,
+            ipcache: self.take("IPCACHE")?,
+            policy: self.take("POLICY")?,
+            port_class: self.take("PORT_CLASS")?,
+            dp_stats: self.take("DP_STATS")?,
+        })
+    }
+}
+
+/// Typed map handles.
+pub struct Maps {
+    pub config: Array<MapData, Config>,
+    pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    pub ep_addrs: HashMap<MapData, EndpointAddrKey, u8>,
+    pub ipcache: LpmTrie<MapData, IpcacheKey, u32>,
+    pub policy: HashMap<MapData, PolicyKey, Verdict>,
+    pub port_class: Array<MapData, u32>,
+    pub dp_stats: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    /// Sum of one datapath counter over all CPUs.
+    pub fn stat(&self, index: u32) -> Result<u64, DatapathError> {
+        let v = self
+            .dp_stats
+            .get(&index, 0)
+            .map_err(|source| DatapathError::Map {
+                name: "DP_STATS",
+                source,
+            })?;
+        Ok(v.iter().sum())
+    }
+}

@@ -1,2 +1,43 @@
+//! The Bulkhead datapath: two TC programs per VM interface (tap).
+//!
+//! `from_vm` runs at the tap's TC ingress hook (the VM sending, `DIR_EGRESS`), `to_vm` at its
+//! TC egress hook (traffic to the VM, `DIR_INGRESS`). Both share every map. The table
+//! contract and lookup semantics live in `bulkhead-abi` and ARCHITECTURE.md.
+//!
+//! Rules for this crate: no panic paths (no slice indexing that can fail), every packet
+//! access through `bpf_skb_load_bytes` (bounds-checked, and it reads non-linear skbs too),
+//! no logging, small stack.
 #![no_std]
 #![no_main]
+
+mod conntrack;
+mod datapath;
+mod events;
+mod maps;
+mod parse;
+mod policy;
+mod reject;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use bulkhead_abi::{DIR_EGRESS, DIR_INGRESS};
+
+#[classifier]
+pub fn from_vm(ctx: TcContext) -> i32 {
+    datapath::run(&ctx, DIR_EGRESS)
+}
+
+#[classifier]
+pub fn to_vm(ctx: TcContext) -> i32 {
+    datapath::run(&ctx, DIR_INGRESS)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable: the verifier rejects any program with a reachable panic path.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

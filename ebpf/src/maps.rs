@@ -1,0 +1,48 @@
+//! Every map of the datapath, pinned by name under the versioned pin directory.
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use bulkhead_abi::*;
+
+#[map]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map]
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(ENDPOINT_ENTRIES, 0);
+#[map]
+pub static EP_ADDRS: HashMap<EndpointAddrKey, u8> =
+    HashMap::pinned(EP_ADDR_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+pub static IPCACHE: LpmTrie<IpcacheKey, u32> = LpmTrie::pinned(IPCACHE_ENTRIES, 0);
+#[map]
+pub static POLICY: HashMap<PolicyKey, Verdict> = HashMap::pinned(POLICY_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+pub static PORT_CLASS: Array<u32> = Array::pinned(PORT_CLASS_ENTRIES, 0);
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_ENTRIES, 0);
+#[map]
+pub static FRAGS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(FRAG_ENTRIES, 0);
+#[map]
+pub static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::pinned(GENERATIONS * RULES_PER_GEN, 0);
+#[map]
+pub static EP_STATS: PerCpuArray<EndpointStats> = PerCpuArray::pinned(MAX_ENDPOINTS, 0);
+#[map]
+pub static DP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+#[map]
+pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(MAX_ENDPOINTS, 0);
+/// Per-CPU scratch space: [0] the parsed packet, [1] the packet an ICMP error quotes.
+/// Not pinned: it holds no state.
+#[map]
+pub static SCRATCH_PKT: PerCpuArray<crate::parse::Pkt> = PerCpuArray::with_max_entries(2, 0);
+#[map]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
+
+/// Count one occurrence of a datapath counter.
+#[inline(always)]
+pub fn stat(index: u32) {
+    if let Some(p) = DP_STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
