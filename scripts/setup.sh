@@ -11,7 +11,7 @@ LLVM_MAJOR=22
 APT_PACKAGES=(
   "llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" libzstd-dev zlib1g-dev # bpf-linker
   protobuf-compiler      # tonic-build (controller/agent gRPC)
-  iproute2 iptables iperf3 ethtool util-linux # namespace tests, iptables baseline, throughput bench
+  iproute2 iptables iperf3 ethtool util-linux iputils-ping # namespace tests, iptables baseline, throughput bench
   git rsyslog rsyslog-gnutls openssl # policy repo, SIEM tests
 )
 

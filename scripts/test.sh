@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-cargo fmt -p bulkhead-abi -p bulkhead-datapath -- --check
+cargo fmt -p bulkhead-abi -p bulkhead-datapath -p bulkhead-testbed -- --check
+cargo clippy -p bulkhead-abi -p bulkhead-datapath -p bulkhead-testbed --all-targets -- -D warnings
 cargo test -p bulkhead-abi --features user
 cargo test -p bulkhead-datapath

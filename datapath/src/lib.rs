@@ -1,12 +1,21 @@
-//! Loads, pins and programs the Bulkhead eBPF datapath.
+//! Loads, pins, attaches and programs the Bulkhead eBPF datapath.
 //!
-//! Work in progress: this first step loads the programs with every map pinned under a
-//! versioned directory and runs them on crafted packets (`BPF_PROG_TEST_RUN`). Attaching
-//! (TCX, pinned links) and the atomic table swap come next (see ARCHITECTURE.md).
+//! - [`Datapath::load`] verifies both programs and pins every map under
+//!   `pin_root/v{LAYOUT_VERSION}` (reused by the next loader of the same layout);
+//! - [`Datapath::attach`] puts them on a VM interface with pinned TCX links, swapping the
+//!   program of an existing link in place (no unenforced instant across restarts);
+//! - [`Tables::apply`] writes compiled tables into the inactive generation and flips to it.
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray};
+mod attach;
+pub mod events;
+mod tables;
+
+pub use attach::AttachOutcome;
+pub use tables::{ApplyReport, RuleCounters, Tables, GRACE};
+
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader};
 use bulkhead_abi::*;
@@ -35,11 +44,26 @@ pub enum DatapathError {
     },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("pinned link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("compiled tables rejected, nothing applied: {0}")]
+    BadTables(String),
+    #[error("counting CPUs: {0}")]
+    Cpus(std::io::Error),
 }
 
 /// The loaded datapath: programs verified by this kernel, maps pinned.
 pub struct Datapath {
     ebpf: Ebpf,
+    pin_root: PathBuf,
     pin_dir: PathBuf,
 }
 
@@ -90,7 +114,68 @@ impl Datapath {
             prog.load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
-        Ok(Self { ebpf, pin_dir })
+        Ok(Self {
+            ebpf,
+            pin_root: pin_root.to_path_buf(),
+            pin_dir,
+        })
+    }
+
+    /// Attach both programs to `ifindex` (a VM's tap on the host). Where a pinned link of
+    /// an earlier loader exists, its program is replaced atomically; otherwise a new link is
+    /// created first in the TCX chain and pinned, so it outlives this process.
+    pub fn attach(&mut self, ifindex: u32) -> Result<[AttachOutcome; 2], DatapathError> {
+        let mut out = [AttachOutcome::Created; 2];
+        let pin_root = self.pin_root.clone();
+        for (i, hook) in [Hook::FromVm, Hook::ToVm].into_iter().enumerate() {
+            let prog = self.program_mut(hook)?;
+            out[i] = attach::attach_hook(prog, &pin_root, ifindex, hook)?;
+        }
+        Ok(out)
+    }
+
+    /// Detach both programs from `ifindex` (the VM left the host). Idempotent.
+    pub fn detach(&self, ifindex: u32) -> Result<(), DatapathError> {
+        attach::detach(&self.pin_root, ifindex)
+    }
+
+    /// Interfaces that have pinned links (from any loader, this run or earlier).
+    pub fn attached_interfaces(&self) -> Result<Vec<u32>, DatapathError> {
+        attach::pinned_interfaces(&self.pin_root)
+    }
+
+    /// Remove the pinned maps of other layout versions. Call after every interface runs this
+    /// loader's programs: maps still used by a program stay alive until it is replaced.
+    pub fn prune_other_layouts(&self) -> Result<Vec<PathBuf>, DatapathError> {
+        let mine = format!("v{LAYOUT_VERSION}");
+        let mut removed = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.pin_root) else {
+            return Ok(removed);
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let versioned = name.len() > 1
+                && name.starts_with('v')
+                && name[1..].chars().all(|c| c.is_ascii_digit());
+            if versioned && name != mine {
+                std::fs::remove_dir_all(e.path()).map_err(|source| DatapathError::PinDir {
+                    path: e.path(),
+                    source,
+                })?;
+                removed.push(e.path());
+            }
+        }
+        Ok(removed)
+    }
+
+    fn program_mut(&mut self, hook: Hook) -> Result<&mut SchedClassifier, DatapathError> {
+        let name = hook.program_name();
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -156,7 +241,20 @@ impl Datapath {
             policy: self.take("POLICY")?,
             port_class: self.take("PORT_CLASS")?,
             dp_stats: self.take("DP_STATS")?,
+            rule_stats: self.take("RULE_STATS")?,
+            ep_stats: self.take("EP_STATS")?,
+            conntrack: self.take("CONNTRACK")?,
         })
+    }
+
+    /// The table writer over this datapath's maps (takes the maps; call once).
+    pub fn tables(&mut self) -> Result<Tables, DatapathError> {
+        Tables::new(self.maps()?)
+    }
+
+    /// The flow-event ring buffer (take once; see [`events`]).
+    pub fn events(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
+        self.take("EVENTS")
     }
 }
 
@@ -169,6 +267,9 @@ pub struct Maps {
     pub policy: HashMap<MapData, PolicyKey, Verdict>,
     pub port_class: Array<MapData, u32>,
     pub dp_stats: PerCpuArray<MapData, u64>,
+    pub rule_stats: PerCpuArray<MapData, RuleStats>,
+    pub ep_stats: PerCpuArray<MapData, EndpointStats>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
 }
 
 impl Maps {

@@ -1,0 +1,300 @@
+//! The datapath attached to real interfaces: namespace VMs on a bridge, real TCP, UDP, ICMP
+//! and IPv6 traffic through the kernel. Needs root; skips with a message otherwise.
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bulkhead_abi::*;
+use bulkhead_datapath::{AttachOutcome, Datapath, Tables};
+use bulkhead_testbed::{echo_roundtrip, skip, Lab, PinRoot, Vm};
+use common::{allow, bindings, tables, Rule};
+
+const T: Duration = Duration::from_millis(800);
+const DB: u16 = 5432;
+const SSH: u16 = 22;
+const DNS: u16 = 5353;
+const ICMP_ECHO: u16 = 8 << 8;
+const ICMP6_ECHO: u16 = 128 << 8;
+
+fn v4(vm: &Vm, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(vm.ipv4), port)
+}
+fn v6(vm: &Vm, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(vm.ipv6), port)
+}
+
+/// vm0 (client) may reach vm1 (database) on TCP 5432, UDP 5353 and ping it; vm1 may send
+/// nothing on its own (its replies pass as part of the tracked flows).
+fn client_server_rules() -> Vec<Rule> {
+    vec![
+        allow(0, DIR_EGRESS, None, PROTO_ANY, None),
+        allow(1, DIR_INGRESS, Some(0), 6, Some(DB)),
+        allow(1, DIR_INGRESS, Some(0), 17, Some(DNS)),
+        allow(1, DIR_INGRESS, Some(0), 1, Some(ICMP_ECHO)),
+        allow(1, DIR_INGRESS, Some(0), 58, Some(ICMP6_ECHO)),
+    ]
+}
+
+struct Setup {
+    // Field order is drop order: detach (pins) after the loader, then remove the lab.
+    dp: Datapath,
+    tables: Tables,
+    _pins: PinRoot,
+    lab: Lab,
+}
+
+fn setup(test: &str, vms: usize) -> Option<Setup> {
+    if skip(test) {
+        return None;
+    }
+    let mut lab = Lab::new().expect("create lab");
+    for i in 0..vms {
+        lab.add_vm(&format!("vm{i}")).expect("add vm");
+    }
+    let pins = PinRoot::new(test);
+    let mut dp = Datapath::load(&pins.0).expect("load datapath");
+    let tables = dp.tables().expect("tables");
+    for vm in &lab.vms {
+        dp.attach(vm.ifindex).expect("attach");
+    }
+    Some(Setup {
+        dp,
+        tables,
+        _pins: pins,
+        lab,
+    })
+}
+
+impl Setup {
+    fn apply(&mut self, rules: &[Rule]) {
+        let t = tables(&self.lab.vms, rules);
+        let report = self
+            .tables
+            .apply(&t, &bindings(&self.lab.vms))
+            .expect("apply");
+        assert!(report.unbound.is_empty(), "{report:?}");
+    }
+}
+
+#[test]
+fn allowed_denied_and_replies_over_ipv4_and_ipv6() {
+    let Some(mut s) = setup("ns-verdicts", 2) else {
+        return;
+    };
+    let (c, db) = (s.lab.vms[0].clone(), s.lab.vms[1].clone());
+    let _srv = db.serve(DB).expect("serve");
+    let _ssh = db.serve(SSH).expect("serve");
+    let _dns = db.serve(DNS).expect("serve");
+    let _csrv = c.serve(DB).expect("serve");
+    s.apply(&client_server_rules());
+
+    assert!(c.tcp_works(v4(&db, DB), T), "TCP/5432 over IPv4 allowed");
+    assert!(c.tcp_works(v6(&db, DB), T), "TCP/5432 over IPv6 allowed");
+    assert!(c.udp_works(v4(&db, DNS), T), "UDP/5353 over IPv4 allowed");
+    assert!(c.udp_works(v6(&db, DNS), T), "UDP/5353 over IPv6 allowed");
+    assert!(c.ping(IpAddr::V4(db.ipv4)), "ICMP echo allowed");
+    assert!(c.ping(IpAddr::V6(db.ipv6)), "ICMPv6 echo allowed");
+
+    assert!(!c.tcp_works(v4(&db, SSH), T), "TCP/22 denied");
+    assert!(!c.tcp_works(v6(&db, SSH), T), "TCP/22 over IPv6 denied");
+    assert!(!c.udp_works(v4(&db, SSH), T), "UDP/22 denied");
+    assert!(
+        !db.tcp_works(v4(&c, DB), T),
+        "the server may not open connections"
+    );
+    assert!(!db.ping(IpAddr::V4(c.ipv4)), "the server may not ping");
+    assert!(
+        !db.ping(IpAddr::V6(c.ipv6)),
+        "the server may not ping over IPv6"
+    );
+
+    let m = s.tables.maps();
+    assert!(m.stat(STAT_DROP_POLICY).expect("stat") > 0);
+    assert!(
+        m.stat(STAT_CT_HIT).expect("stat") > 0,
+        "replies took the fast path"
+    );
+    let slot = s.tables.active_slots().expect("slots")[&db.ifindex];
+    let eps = s.tables.endpoint_stats(slot).expect("ep stats");
+    assert!(eps.deny_packets[DIR_INGRESS as usize] > 0);
+    assert!(eps.allow_packets[DIR_INGRESS as usize] > 0);
+    let rules = s.tables.rule_counters().expect("rule counters");
+    assert!(
+        rules["rule-2"].packets > 0,
+        "the TCP/5432 rule counted: {rules:?}"
+    );
+}
+
+#[test]
+fn policy_change_cuts_an_established_connection() {
+    let Some(mut s) = setup("ns-revoke", 2) else {
+        return;
+    };
+    let (c, db) = (s.lab.vms[0].clone(), s.lab.vms[1].clone());
+    let _srv = db.serve(DB).expect("serve");
+    s.apply(&client_server_rules());
+    let mut conn = c.connect(v4(&db, DB), T).expect("connect");
+    assert!(echo_roundtrip(&mut conn, T));
+
+    // The new revision no longer allows the database port.
+    let mut rules = client_server_rules();
+    rules.remove(1);
+    s.apply(&rules);
+    assert!(!echo_roundtrip(&mut conn, T), "established connection cut");
+    assert!(s.tables.maps().stat(STAT_CT_REVOKED).expect("stat") > 0);
+
+    // And allowed again: a new connection works.
+    s.apply(&client_server_rules());
+    assert!(c.tcp_works(v4(&db, DB), T));
+}
+
+#[test]
+fn spoofed_sources_are_dropped_and_neighbour_discovery_works() {
+    let Some(mut s) = setup("ns-spoof", 2) else {
+        return;
+    };
+    let (c, db) = (s.lab.vms[0].clone(), s.lab.vms[1].clone());
+    s.apply(&client_server_rules());
+    assert!(c.ping(IpAddr::V4(db.ipv4)), "ARP and ICMP work");
+    assert!(c.ping(IpAddr::V6(db.ipv6)), "NDP and ICMPv6 work");
+    let before = s.tables.maps().stat(STAT_DROP_SPOOF).expect("stat");
+
+    // An address the VM does not own.
+    bulkhead_testbed::run(
+        "ip",
+        &[
+            "-n",
+            &c.netns,
+            "addr",
+            "add",
+            "10.77.0.200/24",
+            "dev",
+            "eth0",
+        ],
+    )
+    .expect("add address");
+    let spoofed = bulkhead_testbed::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &c.netns,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-I",
+            "10.77.0.200",
+            "10.77.0.2",
+        ],
+    );
+    assert!(spoofed.is_err(), "ping from a foreign address passed");
+    let after_ip = s.tables.maps().stat(STAT_DROP_SPOOF).expect("stat");
+    assert!(after_ip > before, "IP spoof counted");
+
+    // A MAC the VM does not own.
+    bulkhead_testbed::run(
+        "ip",
+        &[
+            "-n",
+            &c.netns,
+            "link",
+            "set",
+            "eth0",
+            "address",
+            "52:54:00:de:ad:01",
+        ],
+    )
+    .expect("change mac");
+    assert!(
+        !c.ping(IpAddr::V4(db.ipv4)),
+        "ping from a foreign MAC passed"
+    );
+    assert!(s.tables.maps().stat(STAT_DROP_SPOOF).expect("stat") > after_ip);
+}
+
+#[test]
+fn bootstrap_posture_judges_an_interface_before_any_policy() {
+    let Some(mut s) = setup("ns-bootstrap", 2) else {
+        return;
+    };
+    let (c, db) = (s.lab.vms[0].clone(), s.lab.vms[1].clone());
+    let _srv = db.serve(DB).expect("serve");
+    // Attached, no policy: the documented default posture is deny.
+    assert!(!c.tcp_works(v4(&db, DB), T), "bootstrap deny");
+    assert!(s.tables.maps().stat(STAT_DROP_BOOTSTRAP).expect("stat") > 0);
+    s.tables.set_posture(BOOTSTRAP_ALLOW, 0).expect("posture");
+    assert!(c.tcp_works(v4(&db, DB), T), "bootstrap allow");
+}
+
+#[test]
+fn loader_restart_keeps_enforcing_and_keeps_a_long_lived_connection() {
+    let Some(s) = setup("ns-restart", 2) else {
+        return;
+    };
+    let Setup {
+        dp,
+        mut tables,
+        _pins: pins,
+        lab,
+    } = s;
+    let (c, db) = (lab.vms[0].clone(), lab.vms[1].clone());
+    let _srv = db.serve(DB).expect("serve");
+    let _ssh = db.serve(SSH).expect("serve");
+    let t = common::tables(&lab.vms, &client_server_rules());
+    tables.apply(&t, &bindings(&lab.vms)).expect("apply");
+    let mut conn = c.connect(v4(&db, DB), T).expect("connect");
+    assert!(echo_roundtrip(&mut conn, T));
+
+    // The loader goes away: every fd it held is closed.
+    drop(tables);
+    drop(dp);
+    assert!(
+        echo_roundtrip(&mut conn, T),
+        "connection survives the loader"
+    );
+    assert!(
+        !c.tcp_works(v4(&db, SSH), T),
+        "still enforcing without a loader"
+    );
+
+    // A new loader takes over the pinned links and maps, and re-applies the same policy.
+    let mut dp = Datapath::load(&pins.0).expect("reload");
+    let mut tables = dp.tables().expect("tables");
+    for vm in &lab.vms {
+        assert_eq!(
+            dp.attach(vm.ifindex).expect("attach"),
+            [AttachOutcome::Replaced; 2]
+        );
+    }
+    assert_eq!(dp.attached_interfaces().expect("list"), {
+        let mut v: Vec<u32> = lab.vms.iter().map(|v| v.ifindex).collect();
+        v.sort();
+        v
+    });
+    // The first apply fills the generation the old loader never wrote; the second finds,
+    // read back from the maps, that the other generation already holds these tables.
+    let report = tables.apply(&t, &bindings(&lab.vms)).expect("apply");
+    assert!(report.written > 0, "{report:?}");
+    assert!(
+        echo_roundtrip(&mut conn, T),
+        "connection survives the restart"
+    );
+    let report = tables.apply(&t, &bindings(&lab.vms)).expect("apply");
+    assert_eq!(report.written + report.deleted, 0, "{report:?}");
+    assert!(
+        echo_roundtrip(&mut conn, T),
+        "connection survives the restart"
+    );
+    assert!(!c.tcp_works(v4(&db, SSH), T));
+
+    // Detaching an interface stops enforcement on it.
+    dp.detach(db.ifindex).expect("detach");
+    assert!(c.tcp_works(v4(&db, SSH), T), "detached: no longer judged");
+    drop(tables);
+    drop(dp);
+    drop(pins);
+    drop(lab);
+}

@@ -1,0 +1,570 @@
+//! A lab of "VMs" for tests, benchmarks and the demo: each VM is a network namespace whose
+//! `eth0` is one end of a veth pair; the other end sits on a Linux bridge in the host
+//! namespace and plays the VM's tap, where the datapath attaches.
+//!
+//! Everything a [`Lab`] creates is removed when it drops — also when a test panics — and
+//! leftovers of labs whose process died are removed when the next lab starts. Names carry
+//! the owning process id so that concurrent test binaries never collide.
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("`{cmd}` failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("`{cmd}`: {source}")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("entering network namespace {netns}: {source}")]
+    Setns {
+        netns: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// Why privileged tests cannot run here, or `None` when they can.
+pub fn unprivileged_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (eBPF, network namespaces)".into());
+    }
+    if !std::path::Path::new("/sys/fs/bpf").exists() {
+        return Some("needs bpffs mounted at /sys/fs/bpf".into());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("needs iproute2 (`ip`)".into());
+    }
+    None
+}
+
+/// Print a clear skip message and return true when privileged tests cannot run.
+pub fn skip(test: &str) -> bool {
+    match unprivileged_reason() {
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// Run a command, failing with its stderr.
+pub fn run(cmd: &str, args: &[&str]) -> Result<String, LabError> {
+    let line = format!("{cmd} {}", args.join(" "));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|source| LabError::Spawn {
+            cmd: line.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            cmd: line,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A bridge with namespace VMs on it.
+pub struct Lab {
+    tag: String,
+    pub bridge: String,
+    pub vms: Vec<Vm>,
+    netns: Vec<String>,
+}
+
+/// One namespace VM.
+#[derive(Clone, Debug)]
+pub struct Vm {
+    pub name: String,
+    pub netns: String,
+    /// Host end of the veth pair: the VM's "tap".
+    pub host_if: String,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+impl Lab {
+    /// A new, empty lab with its own bridge (bridge netfilter off: iptables rules of the host,
+    /// Docker's among them, must not judge the lab's traffic).
+    pub fn new() -> Result<Self, LabError> {
+        remove_stale();
+        let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{:x}.{:x}", std::process::id(), n);
+        let lab = Self {
+            bridge: format!("bhb{tag}"),
+            tag,
+            vms: Vec::new(),
+            netns: Vec::new(),
+        };
+        run("ip", &["link", "add", &lab.bridge, "type", "bridge"])?;
+        run(
+            "ip",
+            &[
+                "link",
+                "set",
+                &lab.bridge,
+                "type",
+                "bridge",
+                "nf_call_iptables",
+                "0",
+                "nf_call_ip6tables",
+                "0",
+                "nf_call_arptables",
+                "0",
+            ],
+        )?;
+        run("ip", &["link", "set", &lab.bridge, "up"])?;
+        Ok(lab)
+    }
+
+    /// Turn bridge netfilter on or off (the iptables baseline of the benchmarks needs it on).
+    pub fn set_bridge_netfilter(&self, on: bool) -> Result<(), LabError> {
+        let v = if on { "1" } else { "0" };
+        run(
+            "ip",
+            &[
+                "link",
+                "set",
+                &self.bridge,
+                "type",
+                "bridge",
+                "nf_call_iptables",
+                v,
+                "nf_call_ip6tables",
+                v,
+            ],
+        )
+        .map(|_| ())
+    }
+
+    /// Add a VM named `name` with `10.77.0.{n}/24` and `fd77::{n}/64`, n = its index + 1.
+    pub fn add_vm(&mut self, name: &str) -> Result<Vm, LabError> {
+        let idx = self.vms.len() as u8 + 1;
+        self.add_vm_with(
+            name,
+            Ipv4Addr::new(10, 77, 0, idx),
+            Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, u16::from(idx)),
+        )
+    }
+
+    pub fn add_vm_with(
+        &mut self,
+        name: &str,
+        ipv4: Ipv4Addr,
+        ipv6: Ipv6Addr,
+    ) -> Result<Vm, LabError> {
+        let idx = self.vms.len() as u8 + 1;
+        let netns = format!("bhlab-{}-{name}", self.tag);
+        let host_if = format!("bhv{}.{idx}", self.tag);
+        let pid = std::process::id();
+        let mac = [
+            0x52,
+            0x54,
+            pid as u8,
+            (pid >> 8) as u8,
+            self.tag_byte(),
+            idx,
+        ];
+        let mac_s = mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        run("ip", &["netns", "add", &netns])?;
+        self.netns.push(netns.clone());
+        run(
+            "ip",
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+            ],
+        )?;
+        let v4 = format!("{ipv4}/24");
+        let v6 = format!("{ipv6}/64");
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["link", "set", "eth0", "address", &mac_s],
+            &["addr", "add", &v4, "dev", "eth0"],
+            &["addr", "add", &v6, "dev", "eth0", "nodad"],
+            &["link", "set", "eth0", "up"],
+        ] {
+            let mut a = vec!["-n", &netns];
+            a.extend_from_slice(args);
+            run("ip", &a)?;
+        }
+        run("ip", &["link", "set", &host_if, "master", &self.bridge])?;
+        run("ip", &["link", "set", &host_if, "up"])?;
+        let ifindex = read_ifindex(&host_if)?;
+        let vm = Vm {
+            name: name.to_string(),
+            netns,
+            host_if,
+            ifindex,
+            mac,
+            ipv4,
+            ipv6,
+        };
+        self.vms.push(vm.clone());
+        Ok(vm)
+    }
+
+    fn tag_byte(&self) -> u8 {
+        self.tag
+            .bytes()
+            .fold(0u8, |a, b| a.wrapping_mul(31).wrapping_add(b))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its veth ends, and with them the host ends.
+        for ns in &self.netns {
+            let _ = run("ip", &["netns", "del", ns]);
+        }
+        let _ = run("ip", &["link", "del", &self.bridge]);
+    }
+}
+
+fn read_ifindex(ifname: &str) -> Result<u32, LabError> {
+    let path = format!("/sys/class/net/{ifname}/ifindex");
+    let s = std::fs::read_to_string(&path).map_err(|source| LabError::Io {
+        what: path.clone(),
+        source,
+    })?;
+    s.trim().parse().map_err(|_| LabError::Io {
+        what: path,
+        source: std::io::Error::other("not a number"),
+    })
+}
+
+/// Remove namespaces and links left by labs whose process is gone.
+fn remove_stale() {
+    let dead = |pid_hex: &str| {
+        u32::from_str_radix(pid_hex, 16)
+            .map(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .unwrap_or(false)
+    };
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = name.strip_prefix("bhlab-") {
+                if rest.split('.').next().is_some_and(dead) {
+                    let _ = run("ip", &["netns", "del", &name]);
+                }
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rest = name
+                .strip_prefix("bhb")
+                .or_else(|| name.strip_prefix("bhv"));
+            if rest.and_then(|r| r.split('.').next()).is_some_and(dead) {
+                let _ = run("ip", &["link", "del", &name]);
+            }
+        }
+    }
+}
+
+impl Vm {
+    /// Run `f` on a thread inside this VM's network namespace (sockets it opens live there).
+    pub fn enter<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, LabError> {
+        let path = format!("/run/netns/{}", self.netns);
+        let netns = self.netns.clone();
+        let handle = std::thread::spawn(move || -> Result<T, LabError> {
+            let file = File::open(&path).map_err(|source| LabError::Setns {
+                netns: netns.clone(),
+                source,
+            })?;
+            // SAFETY: a valid namespace fd; affects only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(LabError::Setns {
+                    netns,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            Ok(f())
+        });
+        handle.join().unwrap_or_else(|_| {
+            Err(LabError::Io {
+                what: format!("thread in {}", self.netns),
+                source: std::io::Error::other("panicked"),
+            })
+        })
+    }
+
+    /// Open a TCP connection from this VM (the stream stays usable from any thread).
+    pub fn connect(&self, to: SocketAddr, timeout: Duration) -> Result<TcpStream, LabError> {
+        self.enter(move || TcpStream::connect_timeout(&to, timeout))?
+            .map_err(|source| LabError::Io {
+                what: format!("connect to {to}"),
+                source,
+            })
+    }
+
+    /// Whether a TCP connection to `to` completes and echoes a message within `timeout`.
+    pub fn tcp_works(&self, to: SocketAddr, timeout: Duration) -> bool {
+        let Ok(mut s) = self.connect(to, timeout) else {
+            return false;
+        };
+        echo_roundtrip(&mut s, timeout)
+    }
+
+    /// Whether a UDP datagram to `to` is echoed within `timeout`.
+    pub fn udp_works(&self, to: SocketAddr, timeout: Duration) -> bool {
+        self.enter(move || -> std::io::Result<bool> {
+            let bind: SocketAddr = if to.is_ipv4() {
+                "0.0.0.0:0".parse().expect("literal")
+            } else {
+                "[::]:0".parse().expect("literal")
+            };
+            let s = UdpSocket::bind(bind)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.send_to(b"bulkhead-probe", to)?;
+            let mut buf = [0u8; 64];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok(from == to && &buf[..n] == b"bulkhead-probe")
+        })
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or(false)
+    }
+
+    /// Whether one ICMP/ICMPv6 echo to `to` is answered within a second.
+    pub fn ping(&self, to: IpAddr) -> bool {
+        let ns = self.netns.clone();
+        let to = to.to_string();
+        run(
+            "ip",
+            &["netns", "exec", &ns, "ping", "-c", "1", "-W", "1", &to],
+        )
+        .is_ok()
+    }
+
+    /// Start TCP and UDP echo servers on `port` (IPv4 and IPv6) inside this VM.
+    pub fn serve(&self, port: u16) -> Result<Server, LabError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for any in [
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ] {
+            let addr = SocketAddr::new(any, port);
+            let (tcp, udp) = self
+                .enter(move || -> std::io::Result<_> {
+                    let tcp = bind_tcp(addr)?;
+                    let udp = bind_udp(addr)?;
+                    Ok((tcp, udp))
+                })?
+                .map_err(|source| LabError::Io {
+                    what: format!("listen on {addr}"),
+                    source,
+                })?;
+            let s = stop.clone();
+            threads.push(std::thread::spawn(move || tcp_echo_loop(tcp, s)));
+            let s = stop.clone();
+            threads.push(std::thread::spawn(move || udp_echo_loop(udp, s)));
+        }
+        Ok(Server { stop, threads })
+    }
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    // Both families listen on the same port, so the IPv6 socket must be v6-only.
+    if addr.is_ipv6() {
+        let fd = socket_v6only(libc::SOCK_STREAM)?;
+        bind_listen(fd, addr, true)?;
+        // SAFETY: fd is a fresh, owned, listening socket.
+        return Ok(unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
+    let l = TcpListener::bind(addr)?;
+    Ok(l)
+}
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    if addr.is_ipv6() {
+        let fd = socket_v6only(libc::SOCK_DGRAM)?;
+        bind_listen(fd, addr, false)?;
+        // SAFETY: fd is a fresh, owned, bound socket.
+        return Ok(unsafe { <UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
+    UdpSocket::bind(addr)
+}
+
+fn socket_v6only(kind: i32) -> std::io::Result<i32> {
+    // SAFETY: plain socket syscalls on a fd we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, kind | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+        Ok(fd)
+    }
+}
+
+fn bind_listen(fd: i32, addr: SocketAddr, listen: bool) -> std::io::Result<()> {
+    let SocketAddr::V6(a) = addr else {
+        return Err(std::io::Error::other("IPv6 only"));
+    };
+    let sa = libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as u16,
+        sin6_port: a.port().to_be(),
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr {
+            s6_addr: a.ip().octets(),
+        },
+        sin6_scope_id: 0,
+    };
+    // SAFETY: sa is a valid sockaddr_in6 of the given size; fd is ours.
+    unsafe {
+        if libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as u32,
+        ) != 0
+        {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+        if listen && libc::listen(fd, 128) != 0 {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Send a line and expect it back.
+pub fn echo_roundtrip(s: &mut TcpStream, timeout: Duration) -> bool {
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
+    let msg = b"bulkhead-probe\n";
+    if s.write_all(msg).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 15];
+    s.read_exact(&mut buf).is_ok() && &buf == msg
+}
+
+/// Echo servers of one VM; stopped on drop.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn tcp_echo_loop(l: TcpListener, stop: Arc<AtomicBool>) {
+    if l.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match l.accept() {
+            Ok((mut s, _)) => {
+                let stop = stop.clone();
+                conns.push(std::thread::spawn(move || {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+                    let mut buf = [0u8; 4096];
+                    while !stop.load(Ordering::Relaxed) {
+                        match s.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                if s.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => break,
+                        }
+                    }
+                }));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    for c in conns {
+        let _ = c.join();
+    }
+}
+
+fn udp_echo_loop(s: UdpSocket, stop: Arc<AtomicBool>) {
+    if s.set_read_timeout(Some(Duration::from_millis(50))).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    }
+}
+
+/// A bpffs pin directory of a test's own, removed on drop (which unpins its maps and links,
+/// detaching the programs), also when the test fails.
+pub struct PinRoot(pub std::path::PathBuf);
+
+impl PinRoot {
+    pub fn new(test: &str) -> Self {
+        Self(std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/bulkhead-test-{test}-{}",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
