@@ -25,7 +25,7 @@ impl Hook {
     fn attach_type(self) -> TcAttachType {
         match self {
             // What the VM sends arrives at the host side of its tap as received traffic.
-            Hook::FromVm => TcAttachType::Ingress,
+            Hook::FromVm | Hook::BenchBaseline => TcAttachType::Ingress,
             Hook::ToVm => TcAttachType::Egress,
         }
     }

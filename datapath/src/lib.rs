@@ -72,6 +72,8 @@ pub struct Datapath {
 pub enum Hook {
     FromVm,
     ToVm,
+    /// A program that passes everything, for benchmark baselines; never attached.
+    BenchBaseline,
 }
 
 impl Hook {
@@ -79,6 +81,7 @@ impl Hook {
         match self {
             Hook::FromVm => "from_vm",
             Hook::ToVm => "to_vm",
+            Hook::BenchBaseline => "bench_baseline",
         }
     }
 }
@@ -104,7 +107,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
             .load(EBPF_OBJECT)?;
-        for hook in [Hook::FromVm, Hook::ToVm] {
+        for hook in [Hook::FromVm, Hook::ToVm, Hook::BenchBaseline] {
             let name = hook.program_name();
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)

@@ -118,6 +118,11 @@ impl Tables {
         &self.maps
     }
 
+    /// Direct map access, for tests and benchmarks (writes bypass the generation images).
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
     pub fn config(&self) -> Result<Config, DatapathError> {
         self.maps.config.get(&0, 0).map_err(map_err("CONFIG"))
     }
@@ -147,7 +152,7 @@ impl Tables {
         Ok(())
     }
 
-    /// Endpoint id (`<vm>/<mac>`) bindings of the active generation: ifindex → slot.
+    /// Interfaces enforced by the active generation: ifindex → slot.
     pub fn active_slots(&mut self) -> Result<BTreeMap<u32, u32>, DatapathError> {
         let gen = self.config()?.generation() as usize;
         Ok(self

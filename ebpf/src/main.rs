@@ -31,6 +31,13 @@ pub fn to_vm(ctx: TcContext) -> i32 {
     datapath::run(&ctx, DIR_INGRESS)
 }
 
+/// Passes everything: the benchmarks' baseline (the cost of running any TC program at all).
+/// Never attached by the loader.
+#[classifier]
+pub fn bench_baseline(_ctx: TcContext) -> i32 {
+    aya_ebpf::bindings::TC_ACT_UNSPEC
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

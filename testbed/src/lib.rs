@@ -500,41 +500,55 @@ impl Drop for Server {
 }
 
 fn tcp_echo_loop(l: TcpListener, stop: Arc<AtomicBool>) {
-    if l.set_nonblocking(true).is_err() {
-        return;
+    // A blocking accept that wakes every 100 ms to look at `stop` (SO_RCVTIMEO applies to
+    // accept), so a connection is served the moment it arrives.
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: valid option value of the right size on a socket we own.
+    unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
     }
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        match l.accept() {
-            Ok((mut s, _)) => {
-                let stop = stop.clone();
-                conns.push(std::thread::spawn(move || {
-                    let _ = s.set_nonblocking(false);
-                    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
-                    let mut buf = [0u8; 4096];
-                    while !stop.load(Ordering::Relaxed) {
-                        match s.read(&mut buf) {
-                            Ok(0) => break,
-                            Ok(n) => {
-                                if s.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                ) => {}
-                            Err(_) => break,
-                        }
-                    }
-                }));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
-        }
+        let Ok((s, _)) = l.accept() else {
+            continue;
+        };
+        let stop = stop.clone();
+        conns.retain(|c| !c.is_finished());
+        conns.push(std::thread::spawn(move || echo_connection(s, &stop)));
     }
     for c in conns {
         let _ = c.join();
+    }
+}
+
+fn echo_connection(mut s: TcpStream, stop: &AtomicBool) {
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
     }
 }
 

@@ -1,0 +1,528 @@
+//! Datapath benchmarks; prints Markdown tables for BENCHMARKS.md.
+//!
+//! `cargo bench -p bulkhead-datapath --bench datapath` (root). Two parts:
+//! 1. per-packet cost through `BPF_PROG_TEST_RUN` at 10 … 100k rules, against a program that
+//!    passes everything, for new flows (policy lookups + conntrack insert) and established
+//!    flows (one conntrack lookup);
+//! 2. TCP between two namespace VMs (iperf3 throughput, request/response and
+//!    connect/request/close rates): no program, this datapath at 10 and 100k rules, iptables
+//!    with the same policy at 10 and 10k rules.
+//!
+//! Every figure is a median over interleaved rounds, reported next to a baseline measured in
+//! the same run. `BENCH_QUICK=1` shortens everything (for a smoke run).
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bulkhead_abi::model::{EndpointTable, HostTables, IpcacheEntry, PortClassRange};
+use bulkhead_abi::*;
+use bulkhead_datapath::{Datapath, Hook};
+use bulkhead_testbed::{run, Lab, PinRoot, Vm};
+use etherparse::PacketBuilder;
+
+const SERVER_PORTS: [u16; 2] = [5201, 5432];
+const FILLER_PORTS_PER_IDENTITY: u16 = 10;
+
+struct Ep {
+    id: String,
+    mac: [u8; 6],
+    addrs: Vec<IpAddr>,
+}
+
+/// Server (slot 0) accepts TCP on `SERVER_PORTS` from the client only; the client (slot 1)
+/// may send anywhere. `rules` allow-rules for other peers fill the server's ingress table:
+/// one identity (a /32) per ten rules, each rule one port.
+fn policy_tables(rules: usize, server: &Ep, client: &Ep) -> HostTables {
+    let mut t = HostTables::default();
+    for ep in [server, client] {
+        t.endpoints.push(EndpointTable {
+            id: ep.id.clone(),
+            mac: ep.mac,
+            addrs: ep.addrs.clone(),
+            flags: 0,
+        });
+    }
+    let world = 1;
+    let client_id = 2;
+    t.ipcache
+        .push(ipc(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0, world));
+    t.ipcache
+        .push(ipc(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0, world));
+    for a in &client.addrs {
+        t.ipcache
+            .push(ipc(*a, if a.is_ipv4() { 32 } else { 128 }, client_id));
+    }
+    t.rules = vec![
+        "default-deny".into(),
+        "client-to-server".into(),
+        "client-egress".into(),
+    ];
+    for (i, p) in SERVER_PORTS.iter().enumerate() {
+        t.port_classes.push(PortClassRange {
+            kind: PORT_KIND_L4,
+            first: *p,
+            last: *p,
+            class: i as u32 + 1,
+        });
+    }
+    let filler_class0 = SERVER_PORTS.len() as u32 + 1;
+    for f in 0..FILLER_PORTS_PER_IDENTITY {
+        t.port_classes.push(PortClassRange {
+            kind: PORT_KIND_L4,
+            first: 10000 + f,
+            last: 10000 + f,
+            class: filler_class0 + u32::from(f),
+        });
+    }
+    let deny = Verdict::new(ACTION_DENY, 0, RULE_DEFAULT);
+    let refine = Verdict::new(ACTION_DENY, VERDICT_REFINE, RULE_DEFAULT);
+    let key = |slot, dir, id, proto, class| PolicyKey::new(0, slot, dir, id, proto, class);
+    let p = &mut t.policy;
+    p.push((key(0, DIR_INGRESS, IDENTITY_ANY, 0, 0), deny));
+    p.push((key(0, DIR_EGRESS, IDENTITY_ANY, 0, 0), deny));
+    p.push((
+        key(1, DIR_EGRESS, IDENTITY_ANY, 0, 0),
+        Verdict::new(ACTION_ALLOW, 0, 2),
+    ));
+    p.push((key(1, DIR_INGRESS, IDENTITY_ANY, 0, 0), deny));
+    p.push((key(0, DIR_INGRESS, client_id, 0, 0), refine));
+    p.push((key(0, DIR_INGRESS, client_id, 6, 0), refine));
+    for c in 1..=SERVER_PORTS.len() as u32 {
+        p.push((
+            key(0, DIR_INGRESS, client_id, 6, c),
+            Verdict::new(ACTION_ALLOW, 0, 1),
+        ));
+    }
+    let identities = rules.div_ceil(usize::from(FILLER_PORTS_PER_IDENTITY));
+    let mut left = rules;
+    for i in 0..identities {
+        let id = 3 + i as u32;
+        let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i as u32);
+        t.ipcache.push(ipc(IpAddr::V4(addr), 32, id));
+        p.push((key(0, DIR_INGRESS, id, 0, 0), refine));
+        p.push((key(0, DIR_INGRESS, id, 6, 0), refine));
+        for f in 0..u32::from(FILLER_PORTS_PER_IDENTITY) {
+            if left == 0 {
+                break;
+            }
+            left -= 1;
+            t.rules.push(format!("filler-{}", t.rules.len()));
+            let rule = t.rules.len() as u32 - 1;
+            p.push((
+                key(0, DIR_INGRESS, id, 6, filler_class0 + f),
+                Verdict::new(ACTION_ALLOW, 0, rule),
+            ));
+        }
+    }
+    t.policy.sort_by_key(|(k, _)| *k);
+    t
+}
+
+fn ipc(addr: IpAddr, prefix_len: u8, identity: u32) -> IpcacheEntry {
+    IpcacheEntry {
+        addr,
+        prefix_len,
+        identity,
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+fn quick() -> bool {
+    std::env::var_os("BENCH_QUICK").is_some()
+}
+
+// ---- Part 1: BPF_PROG_TEST_RUN --------------------------------------------------------
+
+const LO: u32 = 1;
+const SERVER_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+const CLIENT_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
+const SERVER_IP: [u8; 4] = [192, 0, 2, 10];
+const CLIENT_IP: [u8; 4] = [192, 0, 2, 20];
+
+fn tcp(sport: u16, syn: bool) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
+        .ipv4(CLIENT_IP, SERVER_IP, 64)
+        .tcp(sport, 5432, 1000, 64240);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    let mut out = Vec::with_capacity(b.size(0));
+    b.write(&mut out, &[]).expect("build packet");
+    out
+}
+
+struct PacketCost {
+    new_flow_ns: f64,
+    established_ns: f64,
+}
+
+fn packet_costs(dp: &Datapath, hook: Hook, flows: u16, repeat: u32) -> PacketCost {
+    // New flows: one run each (the kernel times the run itself, not the syscall).
+    let mut samples: Vec<f64> = (0..flows)
+        .map(|i| {
+            let r = dp
+                .test_run(hook, &tcp(20000 + i, true), LO, 0, 1)
+                .expect("test run");
+            assert!(r.action == -1, "benchmark flow must be allowed");
+            r.duration.as_nanos() as f64
+        })
+        .collect();
+    let new_flow_ns = median(&mut samples);
+    // Established: the ACK of the first flow, repeated in the kernel.
+    let mut est: Vec<f64> = (0..5)
+        .map(|_| {
+            let r = dp
+                .test_run(hook, &tcp(20000, false), LO, 0, repeat)
+                .expect("test run");
+            assert!(r.action == -1);
+            r.duration.as_nanos() as f64
+        })
+        .collect();
+    PacketCost {
+        new_flow_ns,
+        established_ns: median(&mut est),
+    }
+}
+
+fn bench_test_run() {
+    let pins = PinRoot::new("bench-testrun");
+    let mut dp = Datapath::load(&pins.0).expect("load");
+    let mut tables = dp.tables().expect("tables");
+    let server = Ep {
+        id: "server/lo".into(),
+        mac: SERVER_MAC,
+        addrs: vec![IpAddr::V4(SERVER_IP.into())],
+    };
+    let client = Ep {
+        id: "client/remote".into(),
+        mac: CLIENT_MAC,
+        addrs: vec![IpAddr::V4(CLIENT_IP.into())],
+    };
+    let bindings: HashMap<String, u32> = [(server.id.clone(), LO)].into();
+    let (flows, repeat) = if quick() {
+        (500, 20_000)
+    } else {
+        (5000, 1_000_000)
+    };
+    let sizes = [10usize, 1_000, 10_000, 100_000];
+
+    println!("### Per-packet cost, BPF_PROG_TEST_RUN (to_vm, IPv4 TCP, allowed)\n");
+    println!("| rules | policy entries | apply | new flow ns (median of {flows}) | vs 10 rules | established ns (repeat {repeat}) | vs 10 rules |");
+    println!("|---|---|---|---|---|---|---|");
+    let base = packet_costs(&dp, Hook::BenchBaseline, flows, repeat);
+    let mut first: Option<PacketCost> = None;
+    for &n in &sizes {
+        let t = policy_tables(n, &server, &client);
+        let report = tables.apply(&t, &bindings).expect("apply");
+        // Fresh conntrack for every size: new flows must be new.
+        let keys: Vec<CtKey> = tables.maps().conntrack.keys().flatten().collect();
+        for k in keys {
+            let _ = tables.maps_mut().conntrack.remove(&k);
+        }
+        let c = packet_costs(&dp, Hook::ToVm, flows, repeat);
+        let f = first.get_or_insert(PacketCost {
+            new_flow_ns: c.new_flow_ns,
+            established_ns: c.established_ns,
+        });
+        println!(
+            "| {n} | {} | {:.0} ms | {:.0} | {:.2}x | {:.1} | {:.2}x |",
+            t.policy.len(),
+            report.duration.as_secs_f64() * 1e3,
+            c.new_flow_ns,
+            c.new_flow_ns / f.new_flow_ns,
+            c.established_ns,
+            c.established_ns / f.established_ns,
+        );
+    }
+    println!(
+        "| baseline: empty TC program | – | – | {:.0} | – | {:.1} | – |\n",
+        base.new_flow_ns, base.established_ns
+    );
+}
+
+// ---- Part 2: TCP between namespace VMs ------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Enforcement {
+    None,
+    Bulkhead(usize),
+    Iptables(usize),
+}
+
+impl Enforcement {
+    fn label(self) -> String {
+        match self {
+            Enforcement::None => "no program".into(),
+            Enforcement::Bulkhead(n) => format!("bulkhead, {n} rules"),
+            Enforcement::Iptables(n) => format!("iptables, {n} rules"),
+        }
+    }
+}
+
+/// A chain of ours in FORWARD, removed on drop.
+struct IptablesChain(String);
+
+impl IptablesChain {
+    /// Stateful, as iptables firewalls are written: established traffic is accepted by the
+    /// first rule; new flows walk the rules, the allowed one last.
+    fn install(rules: usize, client: &Vm, server: &Vm) -> Self {
+        let name = format!("BHBENCH{}", std::process::id());
+        let mut script = String::from("*filter\n");
+        script += &format!(":{name} - [0:0]\n-I FORWARD 1 -j {name}\n");
+        script += &format!("-A {name} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n");
+        for i in 0..rules.saturating_sub(1) {
+            let a = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + (i / 10) as u32);
+            script += &format!(
+                "-A {name} -s {a}/32 -d {} -p tcp --dport {} -j ACCEPT\n",
+                server.ipv4,
+                10000 + i % 10
+            );
+        }
+        script += &format!(
+            "-A {name} -s {} -d {} -p tcp -m multiport --dports 5201,5432 -j ACCEPT\n",
+            client.ipv4, server.ipv4
+        );
+        script += &format!("-A {name} -s 10.77.0.0/24 -j DROP\nCOMMIT\n");
+        let mut child = std::process::Command::new("iptables-restore")
+            .arg("--noflush")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("iptables-restore");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("write rules");
+        assert!(child.wait().expect("wait").success(), "iptables-restore");
+        Self(name)
+    }
+}
+
+impl Drop for IptablesChain {
+    fn drop(&mut self) {
+        let _ = run("iptables", &["-D", "FORWARD", "-j", &self.0]);
+        let _ = run("iptables", &["-F", &self.0]);
+        let _ = run("iptables", &["-X", &self.0]);
+    }
+}
+
+struct Traffic {
+    gbps: f64,
+    rr: f64,
+    crr: f64,
+}
+
+fn iperf(client: &Vm, server: &Vm, secs: u32) -> f64 {
+    let mut srv = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &server.netns,
+            "iperf3",
+            "-s",
+            "-1",
+            "-p",
+            "5201",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &client.netns,
+            "iperf3",
+            "-c",
+            &server.ipv4.to_string(),
+            "-p",
+            "5201",
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ],
+    );
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let Ok(out) = out else {
+        return 0.0;
+    };
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
+}
+
+/// Transactions per second over one connection (1-byte request, 1-byte response).
+fn rr(client: &Vm, to: SocketAddr, dur: Duration) -> f64 {
+    client
+        .enter(move || {
+            let Ok(mut s) = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1))
+            else {
+                return 0.0;
+            };
+            let _ = s.set_nodelay(true);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            let start = Instant::now();
+            let mut n = 0u64;
+            let mut b = [0u8; 1];
+            while start.elapsed() < dur {
+                if s.write_all(b"x").is_err() || s.read_exact(&mut b).is_err() {
+                    return 0.0;
+                }
+                n += 1;
+            }
+            n as f64 / start.elapsed().as_secs_f64()
+        })
+        .unwrap_or(0.0)
+}
+
+/// New connections per second, each carrying one request and response.
+fn crr(client: &Vm, to: SocketAddr, dur: Duration) -> f64 {
+    client
+        .enter(move || {
+            let start = Instant::now();
+            let mut n = 0u64;
+            let mut b = [0u8; 1];
+            while start.elapsed() < dur {
+                let Ok(mut s) = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1))
+                else {
+                    return 0.0;
+                };
+                let _ = s.set_nodelay(true);
+                if s.write_all(b"x").is_err() || s.read_exact(&mut b).is_err() {
+                    return 0.0;
+                }
+                n += 1;
+            }
+            n as f64 / start.elapsed().as_secs_f64()
+        })
+        .unwrap_or(0.0)
+}
+
+fn bench_namespaces() {
+    let mut lab = Lab::new().expect("lab");
+    let client = lab.add_vm("client").expect("vm");
+    let server = lab.add_vm("server").expect("vm");
+    let _echo = server.serve(5432).expect("echo server");
+    let pins = PinRoot::new("bench-netns");
+    let mut dp = Datapath::load(&pins.0).expect("load");
+    let mut tables = dp.tables().expect("tables");
+    let ep = |vm: &Vm| Ep {
+        id: vm.name.clone(),
+        mac: vm.mac,
+        addrs: vec![IpAddr::V4(vm.ipv4), IpAddr::V6(vm.ipv6)],
+    };
+    let (sep, cep) = (ep(&server), ep(&client));
+    let bindings: HashMap<String, u32> = [
+        (sep.id.clone(), server.ifindex),
+        (cep.id.clone(), client.ifindex),
+    ]
+    .into();
+    let tables_10 = policy_tables(10, &sep, &cep);
+    let tables_100k = policy_tables(100_000, &sep, &cep);
+    let conditions = [
+        Enforcement::None,
+        Enforcement::Bulkhead(10),
+        Enforcement::Bulkhead(100_000),
+        Enforcement::Iptables(10),
+        Enforcement::Iptables(10_000),
+    ];
+    let (rounds, secs, dur) = if quick() {
+        (1, 1, Duration::from_millis(500))
+    } else {
+        (3, 3, Duration::from_secs(2))
+    };
+    let to = SocketAddr::new(IpAddr::V4(server.ipv4), 5432);
+    let mut results: HashMap<String, Vec<Traffic>> = HashMap::new();
+    for _ in 0..rounds {
+        for &c in &conditions {
+            let _chain = match c {
+                Enforcement::None => None,
+                Enforcement::Bulkhead(n) => {
+                    let t = if n == 10 { &tables_10 } else { &tables_100k };
+                    tables.apply(t, &bindings).expect("apply");
+                    for vm in [&client, &server] {
+                        dp.attach(vm.ifindex).expect("attach");
+                    }
+                    None
+                }
+                Enforcement::Iptables(n) => {
+                    lab.set_bridge_netfilter(true).expect("br_netfilter");
+                    Some(IptablesChain::install(n, &client, &server))
+                }
+            };
+            let t = Traffic {
+                gbps: iperf(&client, &server, secs),
+                rr: rr(&client, to, dur),
+                crr: crr(&client, to, dur),
+            };
+            assert!(
+                t.gbps > 0.0 && t.rr > 0.0 && t.crr > 0.0,
+                "{c:?}: traffic failed"
+            );
+            results.entry(c.label()).or_default().push(t);
+            for vm in [&client, &server] {
+                dp.detach(vm.ifindex).expect("detach");
+            }
+            lab.set_bridge_netfilter(false).expect("br_netfilter");
+        }
+    }
+    let med = |label: &str, f: fn(&Traffic) -> f64| {
+        let mut v: Vec<f64> = results[label].iter().map(f).collect();
+        median(&mut v)
+    };
+    let none = Enforcement::None.label();
+    let (g0, r0, c0) = (
+        med(&none, |t| t.gbps),
+        med(&none, |t| t.rr),
+        med(&none, |t| t.crr),
+    );
+    println!(
+        "### TCP between two namespace VMs on a bridge (median of {rounds} interleaved rounds)\n"
+    );
+    println!(
+        "| enforcement | iperf3 Gbit/s | vs none | RR txn/s | vs none | CRR conn/s | vs none |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for c in conditions {
+        let l = c.label();
+        let (g, r, k) = (med(&l, |t| t.gbps), med(&l, |t| t.rr), med(&l, |t| t.crr));
+        println!(
+            "| {l} | {g:.2} | {:.2}x | {r:.0} | {:.2}x | {k:.0} | {:.2}x |",
+            g / g0,
+            r / r0,
+            k / c0
+        );
+    }
+    println!();
+    drop(tables);
+    drop(dp);
+    drop(pins);
+    drop(lab);
+}
+
+fn main() {
+    if bulkhead_testbed::skip("datapath benchmarks") {
+        return;
+    }
+    // `cargo bench` passes `--bench`; any other argument selects a part.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let want = |p: &str| args.is_empty() || args.iter().any(|a| a == p);
+    if want("testrun") {
+        bench_test_run();
+    }
+    if want("netns") {
+        bench_namespaces();
+    }
+}
