@@ -469,9 +469,13 @@ impl Tables {
             .map(|i| i.rules.clone())
             .unwrap_or_default();
         let zero = || PerCpuValues::try_from(vec![RuleStats::default(); self.nr_cpus]);
-        // With names unknown (restart), every slot that may hold counts is checked.
+        // With names unknown (read back after a restart), the rules the generation's entries
+        // name are the only ones the datapath can have counted for it.
         let count = if names.is_empty() {
-            RULES_PER_GEN
+            self.images[gen]
+                .as_ref()
+                .and_then(|i| i.policy.values().map(|v| v.rule + 1).max())
+                .unwrap_or(1)
         } else {
             names.len() as u32
         };

@@ -1,14 +1,12 @@
 //! The datapath attached to real interfaces: namespace VMs on a bridge, real TCP, UDP, ICMP
 //! and IPv6 traffic through the kernel. Needs root; skips with a message otherwise.
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bulkhead_abi::*;
 use bulkhead_datapath::{AttachOutcome, Datapath, Tables};
+use bulkhead_testbed::rules::{self, allow, bindings, Rule};
 use bulkhead_testbed::{echo_roundtrip, skip, Lab, PinRoot, Vm};
-use common::{allow, bindings, tables, Rule};
 
 const T: Duration = Duration::from_millis(800);
 const DB: u16 = 5432;
@@ -68,7 +66,7 @@ fn setup(test: &str, vms: usize) -> Option<Setup> {
 
 impl Setup {
     fn apply(&mut self, rules: &[Rule]) {
-        let t = tables(&self.lab.vms, rules);
+        let t = rules::tables(&self.lab.vms, rules);
         let report = self
             .tables
             .apply(&t, &bindings(&self.lab.vms))
@@ -243,7 +241,7 @@ fn loader_restart_keeps_enforcing_and_keeps_a_long_lived_connection() {
     let (c, db) = (lab.vms[0].clone(), lab.vms[1].clone());
     let _srv = db.serve(DB).expect("serve");
     let _ssh = db.serve(SSH).expect("serve");
-    let t = common::tables(&lab.vms, &client_server_rules());
+    let t = rules::tables(&lab.vms, &client_server_rules());
     tables.apply(&t, &bindings(&lab.vms)).expect("apply");
     let mut conn = c.connect(v4(&db, DB), T).expect("connect");
     assert!(echo_roundtrip(&mut conn, T));

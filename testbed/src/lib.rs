@@ -5,6 +5,8 @@
 //! Everything a [`Lab`] creates is removed when it drops — also when a test panics — and
 //! leftovers of labs whose process died are removed when the next lab starts. Names carry
 //! the owning process id so that concurrent test binaries never collide.
+pub mod rules;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};

@@ -1,13 +1,12 @@
-//! Hand-written tables for the datapath tests: a few first-match rules over lab VMs,
+//! Hand-written tables for tests, benchmarks and the demo: a few first-match rules over lab VMs,
 //! resolved into the three-level table form by brute force (the policy compiler's job in
 //! production, kept independent of it here).
-#![allow(dead_code)]
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
+use crate::Vm;
 use bulkhead_abi::model::{EndpointTable, HostTables, IpcacheEntry, PortClassRange};
 use bulkhead_abi::*;
-use bulkhead_testbed::Vm;
 
 pub const WORLD: u32 = 1;
 
