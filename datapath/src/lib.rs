@@ -99,7 +99,14 @@ impl Datapath {
     /// Load the programs with every map pinned under `pin_root/v{LAYOUT_VERSION}` (existing
     /// pins of the same layout are reused: enforcement state survives the loader).
     pub fn load(pin_root: &Path) -> Result<Self, DatapathError> {
-        let pin_dir = pin_root.join(format!("v{LAYOUT_VERSION}"));
+        Self::load_layout(pin_root, LAYOUT_VERSION)
+    }
+
+    /// Load as if this object had layout `version`: lets tests stand in for a loader of an
+    /// older layout. Production code calls [`Datapath::load`].
+    #[doc(hidden)]
+    pub fn load_layout(pin_root: &Path, version: u32) -> Result<Self, DatapathError> {
+        let pin_dir = pin_root.join(format!("v{version}"));
         std::fs::create_dir_all(&pin_dir).map_err(|source| DatapathError::PinDir {
             path: pin_dir.clone(),
             source,
@@ -150,7 +157,11 @@ impl Datapath {
     /// Remove the pinned maps of other layout versions. Call after every interface runs this
     /// loader's programs: maps still used by a program stay alive until it is replaced.
     pub fn prune_other_layouts(&self) -> Result<Vec<PathBuf>, DatapathError> {
-        let mine = format!("v{LAYOUT_VERSION}");
+        let mine = self
+            .pin_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut removed = Vec::new();
         let Ok(entries) = std::fs::read_dir(&self.pin_root) else {
             return Ok(removed);

@@ -296,3 +296,57 @@ fn loader_restart_keeps_enforcing_and_keeps_a_long_lived_connection() {
     drop(pins);
     drop(lab);
 }
+
+#[test]
+fn a_loader_of_another_layout_takes_over_without_a_gap() {
+    if skip("ns-layout") {
+        return;
+    }
+    let mut lab = Lab::new().expect("lab");
+    for i in 0..2 {
+        lab.add_vm(&format!("vm{i}")).expect("vm");
+    }
+    let pins = PinRoot::new("ns-layout");
+    let (c, db) = (lab.vms[0].clone(), lab.vms[1].clone());
+    let _srv = db.serve(DB).expect("serve");
+    let _ssh = db.serve(SSH).expect("serve");
+    let t = rules::tables(&lab.vms, &client_server_rules());
+
+    // The "old" loader: its own map directory, links pinned in the shared place.
+    let old_layout = LAYOUT_VERSION + 1000;
+    let mut old = Datapath::load_layout(&pins.0, old_layout).expect("old loader");
+    let mut old_tables = old.tables().expect("tables");
+    old_tables.apply(&t, &bindings(&lab.vms)).expect("apply");
+    for vm in &lab.vms {
+        old.attach(vm.ifindex).expect("attach");
+    }
+    let mut conn = c.connect(v4(&db, DB), T).expect("connect");
+    assert!(echo_roundtrip(&mut conn, T));
+    drop(old_tables);
+    drop(old);
+
+    // The new loader fills its own (empty) maps first, then swaps every link, then prunes.
+    let mut dp = Datapath::load(&pins.0).expect("new loader");
+    let mut tables = dp.tables().expect("tables");
+    tables.apply(&t, &bindings(&lab.vms)).expect("apply");
+    for vm in &lab.vms {
+        assert_eq!(
+            dp.attach(vm.ifindex).expect("attach"),
+            [AttachOutcome::Replaced; 2]
+        );
+    }
+    let removed = dp.prune_other_layouts().expect("prune");
+    assert_eq!(removed, vec![pins.0.join(format!("v{old_layout}"))]);
+    assert!(!c.tcp_works(v4(&db, SSH), T), "the new tables enforce");
+    assert!(c.tcp_works(v4(&db, DB), T), "the new tables allow");
+    // The new maps start with empty conntrack: the old connection is picked up mid-stream
+    // and judged by policy, which allows it.
+    assert!(
+        echo_roundtrip(&mut conn, T),
+        "allowed connection survives the upgrade"
+    );
+    drop(tables);
+    drop(dp);
+    drop(pins);
+    drop(lab);
+}
