@@ -54,6 +54,17 @@ impl RuleCounters {
     }
 }
 
+/// Entries of the active generation, per table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    pub endpoints: usize,
+    pub addresses: usize,
+    pub ipcache: usize,
+    pub port_classes: usize,
+    pub policy: usize,
+    pub rules: usize,
+}
+
 /// What an apply did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -547,6 +558,20 @@ impl Tables {
             t.last_hit_ns = t.last_hit_ns.max(s.last_hit_ns);
         }
         Ok(t)
+    }
+
+    /// Entries the active generation holds, per table.
+    pub fn occupancy(&mut self) -> Result<Occupancy, DatapathError> {
+        let gen = self.config()?.generation() as usize;
+        let img = self.image(gen)?;
+        Ok(Occupancy {
+            endpoints: img.endpoints.len(),
+            addresses: img.addrs.len(),
+            ipcache: img.ipcache.len(),
+            port_classes: img.port_class.len(),
+            policy: img.policy.len(),
+            rules: img.rules.len(),
+        })
     }
 
     /// Number of live conntrack entries (walks the map: for metrics, not per packet).
