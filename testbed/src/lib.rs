@@ -227,6 +227,19 @@ impl Lab {
         Ok(vm)
     }
 
+    /// Connect this lab's bridge to another's with a veth pair: two hypervisor hosts on one
+    /// physical network. The pair goes when either lab drops.
+    pub fn link_to(&mut self, other: &Lab) -> Result<(), LabError> {
+        let a = format!("bhv{}.x", self.tag);
+        let b = format!("bhv{}.x", other.tag);
+        run("ip", &["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+        for (end, bridge) in [(&a, &self.bridge), (&b, &other.bridge)] {
+            run("ip", &["link", "set", end, "master", bridge])?;
+            run("ip", &["link", "set", end, "up"])?;
+        }
+        Ok(())
+    }
+
     fn tag_byte(&self) -> u8 {
         self.tag
             .bytes()
@@ -241,6 +254,7 @@ impl Drop for Lab {
             let _ = run("ip", &["netns", "del", ns]);
         }
         let _ = run("ip", &["link", "del", &self.bridge]);
+        let _ = run("ip", &["link", "del", &format!("bhv{}.x", self.tag)]);
     }
 }
 

@@ -1,0 +1,212 @@
+//! The gRPC services. TLS has already verified the client certificate against the CA; here
+//! the certificate's Bulkhead identity decides what the caller may do.
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bulkhead_wire::pb;
+use bulkhead_wire::pki::{identity_of, PeerIdentity};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{unix_now, Controller};
+
+fn peer_identity<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    identity_of(leaf.as_ref()).map_err(|e| Status::permission_denied(e.to_string()))
+}
+
+pub struct EnforcementService(pub Arc<Controller>);
+pub struct AdminService(pub Arc<Controller>);
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::enforcement_server::Enforcement for EnforcementService {
+    type SyncStream = SyncStream;
+
+    async fn sync(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let host = match peer_identity(&req)? {
+            PeerIdentity::Host(h) => h,
+            PeerIdentity::Admin { user, .. } => {
+                return Err(Status::permission_denied(format!(
+                    "{user} holds an administrator certificate, not a host certificate"
+                )))
+            }
+        };
+        let ctl = self.0.clone();
+        let session = {
+            let mut st = ctl.state();
+            let h = st.hosts.entry(host.clone()).or_default();
+            h.session += 1;
+            h.connected = true;
+            h.connected_since = unix_now();
+            h.session
+        };
+        ctl.metrics.sessions.inc();
+        tracing::info!(%host, session, "agent connected");
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(run_session(ctl, host, session, req.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One agent's stream: read its messages, push its tables when they change.
+async fn run_session(
+    ctl: Arc<Controller>,
+    host: String,
+    session: u64,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: mpsc::Sender<Result<pb::ControllerMessage, Status>>,
+) {
+    let mut serving = ctl.serving_tx.subscribe();
+    // What the agent holds: from its hello, then from its acks.
+    let mut held = String::new();
+    let mut sent = String::new();
+    let mut sent_at: Option<(String, Instant)> = None;
+    let mut need_snapshot = false;
+    loop {
+        // Push if what the host should enforce differs from what we last sent it.
+        if let Some((revision, want, detected)) = ctl.desired(&host) {
+            if want.digest != sent && want.digest != held || need_snapshot {
+                let base = (!need_snapshot && !held.is_empty())
+                    .then(|| ctl.known(&host, &held))
+                    .flatten();
+                let msg = match base {
+                    Some(base) => {
+                        ctl.metrics.deltas.inc();
+                        pb::controller_message::Kind::Delta(bulkhead_wire::delta(
+                            &base,
+                            &want.tables,
+                            revision,
+                        ))
+                    }
+                    None => {
+                        ctl.metrics.snapshots.inc();
+                        pb::controller_message::Kind::Snapshot(pb::Snapshot {
+                            revision: Some(revision),
+                            digest: want.digest.clone(),
+                            tables: Some(bulkhead_wire::tables_to_pb(&want.tables)),
+                        })
+                    }
+                };
+                if tx
+                    .send(Ok(pb::ControllerMessage { kind: Some(msg) }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                need_snapshot = false;
+                sent = want.digest.clone();
+                sent_at = Some((want.digest, detected));
+            }
+        }
+        tokio::select! {
+            changed = serving.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            msg = inbound.next() => {
+                let Some(Ok(msg)) = msg else { break };
+                match msg.kind {
+                    Some(pb::agent_message::Kind::Hello(h)) => {
+                        tracing::info!(%host, version = %h.agent_version, enforced = %h.enforced_digest, "hello");
+                        held = h.enforced_digest;
+                        let mut st = ctl.state();
+                        let hs = st.hosts.entry(host.clone()).or_default();
+                        if hs.enforced_digest != held {
+                            hs.enforced_digest = held.clone();
+                            hs.enforced_since = unix_now();
+                        }
+                    }
+                    Some(pb::agent_message::Kind::Inventory(inv)) => {
+                        ctl.set_inventory(&host, inv.vms);
+                    }
+                    Some(pb::agent_message::Kind::Ack(ack)) => {
+                        on_ack(&ctl, &host, &ack, &sent_at);
+                        if ack.ok {
+                            held = ack.digest;
+                        } else {
+                            // Resend whole: the agent keeps its old tables meanwhile.
+                            need_snapshot = ack.resync;
+                            sent.clear();
+                        }
+                    }
+                    Some(pb::agent_message::Kind::Events(ev)) => {
+                        ctl.metrics.flow_records.inc_by(ev.records.len() as u64);
+                        ctl.metrics.events_suppressed.inc_by(ev.suppressed);
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    let mut st = ctl.state();
+    if let Some(h) = st.hosts.get_mut(&host) {
+        // A newer session of the same host may already be up.
+        if h.session == session {
+            h.connected = false;
+            h.connected_since = unix_now();
+        }
+    }
+    tracing::info!(%host, session, "agent disconnected");
+}
+
+fn on_ack(ctl: &Controller, host: &str, ack: &pb::Ack, sent_at: &Option<(String, Instant)>) {
+    let mut st = ctl.state();
+    let commit = st
+        .serving
+        .as_ref()
+        .filter(|s| s.hosts.get(host).is_some_and(|t| t.digest == ack.digest))
+        .map(|s| s.revision.commit.clone());
+    let h = st.hosts.entry(host.to_string()).or_default();
+    if ack.ok {
+        if h.enforced_digest != ack.digest {
+            h.enforced_since = unix_now();
+        }
+        h.enforced_digest = ack.digest.clone();
+        if let Some(c) = commit {
+            h.enforced_commit = c;
+        }
+        h.last_error.clear();
+        h.unbound = ack.unbound.clone();
+        if let Some((d, detected)) = sent_at {
+            if *d == ack.digest {
+                ctl.metrics
+                    .commit_to_enforced_seconds
+                    .observe(detected.elapsed().as_secs_f64());
+            }
+        }
+        tracing::info!(%host, digest = %&ack.digest[..ack.digest.len().min(12)], micros = ack.apply_micros, "enforcing");
+    } else {
+        h.last_error = ack.error.clone();
+        tracing::error!(%host, error = %ack.error, "agent could not apply");
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        match peer_identity(&req)? {
+            PeerIdentity::Admin { .. } => Ok(Response::new(self.0.status())),
+            PeerIdentity::Host(h) => Err(Status::permission_denied(format!(
+                "host {h} may not use the admin API"
+            ))),
+        }
+    }
+}

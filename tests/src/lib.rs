@@ -1,0 +1,444 @@
+//! End-to-end harness: a real git repository of policies, a PKI, the controller and one agent
+//! per "hypervisor host" as real processes, each host a bridge of namespace VMs.
+//!
+//! Everything is removed on drop: processes are killed, pins and namespaces deleted.
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bulkhead_testbed::{Lab, PinRoot, Vm};
+use bulkhead_wire::pb;
+use bulkhead_wire::pki::{self, Pem, Subject};
+
+/// A built binary of this workspace, next to the test executable's `deps/` directory.
+pub fn bin_path(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("test executable without a directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps without a parent")?;
+    }
+    let p = dir.join(name);
+    if !p.exists() {
+        bail!(
+            "{} not built; run `cargo build -p bulkhead-agent -p bulkhead-controller` first",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// A child process, killed (SIGKILL) on drop; its output goes to a log file.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, bin: &Path, args: &[String], log: PathBuf) -> Result<Self> {
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Self {
+            name: name.into(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// SIGKILL and reap: no chance to clean anything up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A policy repository in a temporary directory, committed to with `git`.
+pub struct PolicyRepo {
+    pub dir: PathBuf,
+}
+
+impl PolicyRepo {
+    /// A new repository holding a copy of `policies` (a directory) under `policies/`.
+    pub fn new(root: &Path, policies: &Path) -> Result<Self> {
+        let dir = root.join("policy-repo");
+        std::fs::create_dir_all(dir.join("policies"))?;
+        copy_dir(policies, &dir.join("policies"))?;
+        let r = Self { dir };
+        r.git(&["init", "-q", "-b", "main"])?;
+        r.git(&["add", "-A"])?;
+        r.git(&["commit", "-q", "-m", "Initial policies"])?;
+        Ok(r)
+    }
+
+    pub fn git(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&self.dir)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "Security Admin")
+            .env("GIT_AUTHOR_EMAIL", "secadmin@hospital.example")
+            .env("GIT_COMMITTER_NAME", "Security Admin")
+            .env("GIT_COMMITTER_EMAIL", "secadmin@hospital.example")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "git {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Write `path` (relative to the repository) and commit it; returns the commit id.
+    pub fn commit_file(&self, path: &str, content: &str, message: &str) -> Result<String> {
+        let p = self.dir.join(path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&p, content)?;
+        self.git(&["add", "-A"])?;
+        self.git(&["commit", "-q", "-m", message])?;
+        self.git(&["rev-parse", "HEAD"])
+    }
+
+    pub fn head(&self) -> Result<String> {
+        self.git(&["rev-parse", "HEAD"])
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The CA, the controller's certificate, and certificates per host and admin.
+pub struct TestPki {
+    pub dir: PathBuf,
+    pub ca: Pem,
+}
+
+impl TestPki {
+    pub fn new(root: &Path) -> Result<Self> {
+        let dir = root.join("pki");
+        let ca = pki::new_ca("Bulkhead test CA", 30)?;
+        pki::write_pair(&dir, "ca", &ca)?;
+        let server = pki::issue(
+            &ca,
+            &Subject::Controller {
+                dns: vec!["localhost".into()],
+                ips: vec!["127.0.0.1".parse()?],
+            },
+            30,
+            0,
+        )?;
+        pki::write_pair(&dir, "controller", &server)?;
+        Ok(Self { dir, ca })
+    }
+
+    /// A directory an agent can use as `--pki` (ca.crt, host.crt, host.key).
+    pub fn host_dir(&self, host: &str, days: i64, not_before_days: i64) -> Result<PathBuf> {
+        let d = self
+            .dir
+            .join(format!("host-{host}-{days}-{not_before_days}"));
+        let cert = pki::issue(&self.ca, &Subject::Host(host.into()), days, not_before_days)?;
+        pki::write_pair(&d, "host", &cert)?;
+        std::fs::write(d.join("ca.crt"), &self.ca.cert)?;
+        Ok(d)
+    }
+
+    pub fn admin(&self, user: &str, role: &str) -> Result<Pem> {
+        Ok(pki::issue(
+            &self.ca,
+            &Subject::Admin {
+                user: user.into(),
+                role: role.into(),
+            },
+            30,
+            0,
+        )?)
+    }
+}
+
+/// A hypervisor host: a bridge of namespace VMs and (when started) its agent.
+pub struct Host {
+    pub name: String,
+    pub lab: Lab,
+    pub agent: Option<Proc>,
+    pub pins: PinRoot,
+    pub state_dir: PathBuf,
+    pub inventory: PathBuf,
+    pub metrics_port: u16,
+    /// VM name → labels, for the inventory file.
+    pub labels: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+#[derive(serde::Serialize)]
+struct InvFile {
+    vms: Vec<InvVm>,
+}
+
+#[derive(serde::Serialize)]
+struct InvVm {
+    name: String,
+    uuid: String,
+    labels: BTreeMap<String, String>,
+    interfaces: Vec<InvIface>,
+}
+
+#[derive(serde::Serialize)]
+struct InvIface {
+    device: String,
+    mac: String,
+    addresses: Vec<String>,
+}
+
+impl Host {
+    pub fn new(root: &Path, name: &str) -> Result<Self> {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            name: name.into(),
+            lab: Lab::new()?,
+            agent: None,
+            pins: PinRoot::new(&format!("e2e-{name}")),
+            state_dir: dir.join("state"),
+            inventory: dir.join("inventory.yaml"),
+            metrics_port: free_port()?,
+            labels: BTreeMap::new(),
+        })
+    }
+
+    /// Add a VM with addresses `10.77.0.{n}` / `fd77::{n}` and labels.
+    pub fn add_vm(&mut self, name: &str, n: u8, labels: &[(&str, &str)]) -> Result<Vm> {
+        let vm = self.lab.add_vm_with(
+            name,
+            Ipv4Addr::new(10, 77, 0, n),
+            Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, u16::from(n)),
+        )?;
+        self.labels.insert(
+            name.into(),
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        self.write_inventory()?;
+        Ok(vm)
+    }
+
+    /// Forget a VM (it migrated away): its interface leaves this host's inventory.
+    pub fn remove_vm_from_inventory(&mut self, name: &str) -> Result<()> {
+        self.labels.remove(name);
+        self.write_inventory()
+    }
+
+    pub fn write_inventory(&self) -> Result<()> {
+        let vms = self
+            .lab
+            .vms
+            .iter()
+            .filter(|v| self.labels.contains_key(&v.name))
+            .map(|v| InvVm {
+                name: v.name.clone(),
+                uuid: format!("00000000-0000-4000-8000-{:012x}", u64::from(v.ifindex)),
+                labels: self.labels[&v.name].clone(),
+                interfaces: vec![InvIface {
+                    device: v.host_if.clone(),
+                    mac: v
+                        .mac
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                    addresses: vec![v.ipv4.to_string(), v.ipv6.to_string()],
+                }],
+            })
+            .collect();
+        let text = serde_yaml::to_string(&InvFile { vms })?;
+        let tmp = self.inventory.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.inventory)?;
+        Ok(())
+    }
+
+    pub fn vm(&self, name: &str) -> Option<&Vm> {
+        self.lab.vms.iter().find(|v| v.name == name)
+    }
+
+    /// Start (or restart) this host's agent.
+    pub fn start_agent(&mut self, root: &Path, controller: u16, pki_dir: &Path) -> Result<()> {
+        let args = vec![
+            "--controller".into(),
+            format!("https://127.0.0.1:{controller}"),
+            "--server-name".into(),
+            "localhost".into(),
+            "--pki".into(),
+            pki_dir.display().to_string(),
+            "--inventory".into(),
+            self.inventory.display().to_string(),
+            "--state-dir".into(),
+            self.state_dir.display().to_string(),
+            "--pin-root".into(),
+            self.pins.0.display().to_string(),
+            "--metrics".into(),
+            format!("127.0.0.1:{}", self.metrics_port),
+            "--rescan-secs".into(),
+            "0.5".into(),
+        ];
+        let log = root.join(format!("agent-{}.log", self.name));
+        self.agent = Some(Proc::spawn(
+            &format!("agent-{}", self.name),
+            &bin_path("bulkhead-agent")?,
+            &args,
+            log,
+        )?);
+        Ok(())
+    }
+
+    pub fn metrics(&self) -> Result<String> {
+        http_get(self.metrics_port, "/metrics")
+    }
+}
+
+/// A minimal HTTP GET on loopback (for `/metrics`).
+pub fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok(body)
+}
+
+pub struct ControllerProc {
+    pub proc: Proc,
+    pub port: u16,
+    pub metrics_port: u16,
+}
+
+impl ControllerProc {
+    pub fn start(root: &Path, repo: &Path, pki_dir: &Path) -> Result<Self> {
+        let port = free_port()?;
+        let metrics_port = free_port()?;
+        let args = vec![
+            "serve".into(),
+            "--repo".into(),
+            repo.display().to_string(),
+            "--rev".into(),
+            "main".into(),
+            "--poll-ms".into(),
+            "100".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--pki".into(),
+            pki_dir.display().to_string(),
+            "--metrics".into(),
+            format!("127.0.0.1:{metrics_port}"),
+        ];
+        let proc = Proc::spawn(
+            "controller",
+            &bin_path("bulkhead-controller")?,
+            &args,
+            root.join("controller.log"),
+        )?;
+        let c = Self {
+            proc,
+            port,
+            metrics_port,
+        };
+        if !wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        }) {
+            bail!("controller did not start:\n{}", c.proc.log_text());
+        }
+        Ok(c)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+/// Ask the controller for its status with an administrator certificate.
+pub async fn status(port: u16, ca: &Pem, admin: &Pem) -> Result<pb::StatusReply> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca.cert))
+        .identity(Identity::from_pem(&admin.cert, &admin.key))
+        .domain_name("localhost");
+    let ch = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await?;
+    let mut c = pb::admin_client::AdminClient::new(ch);
+    Ok(c.status(pb::StatusRequest {}).await?.into_inner())
+}
+
+/// Blocking wrapper around [`status`].
+pub fn status_blocking(port: u16, ca: &Pem, admin: &Pem) -> Result<pb::StatusReply> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(status(port, ca, admin))
+}
