@@ -79,7 +79,8 @@ pub fn format_mac(m: &[u8; 6]) -> String {
 impl Vm {
     /// Endpoint id of an interface (`<vm>/<mac>`).
     pub fn endpoint_id(&self, iface: &Interface) -> String {
-        let mac = parse_mac(&iface.mac).map_or_else(|| iface.mac.to_lowercase(), |m| format_mac(&m));
+        let mac =
+            parse_mac(&iface.mac).map_or_else(|| iface.mac.to_lowercase(), |m| format_mac(&m));
         format!("{}/{mac}", self.name)
     }
 }
@@ -251,10 +252,17 @@ mod tests {
         let vm = parse_domain(&xml).unwrap();
         assert_eq!(vm.name, "emr-db-01");
         assert_eq!(vm.labels["tier"], "db");
-        assert_eq!(vm.interfaces.len(), 1, "only interfaces with a target device");
+        assert_eq!(
+            vm.interfaces.len(),
+            1,
+            "only interfaces with a target device"
+        );
         assert_eq!(vm.interfaces[0].device, "vnet7");
         assert_eq!(vm.interfaces[0].addresses.len(), 2);
-        assert_eq!(vm.endpoint_id(&vm.interfaces[0]), "emr-db-01/52:54:00:aa:00:01");
+        assert_eq!(
+            vm.endpoint_id(&vm.interfaces[0]),
+            "emr-db-01/52:54:00:aa:00:01"
+        );
         assert!(parse_domain("<domain><uuid>x</uuid></domain>").is_err());
     }
 

@@ -29,7 +29,11 @@ use tokio::sync::watch;
 #[command(version, verbatim_doc_comment)]
 struct Args {
     /// Controller gRPC address.
-    #[arg(long, env = "BULKHEAD_CONTROLLER", default_value = "https://127.0.0.1:7443")]
+    #[arg(
+        long,
+        env = "BULKHEAD_CONTROLLER",
+        default_value = "https://127.0.0.1:7443"
+    )]
     controller: String,
     /// Name the controller's certificate must carry (defaults to the address's host).
     #[arg(long)]
@@ -81,8 +85,7 @@ enum Posture {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let args = Args::parse();
@@ -124,9 +127,13 @@ async fn main() -> Result<()> {
     if let Some(a) = enforcer.current().cloned() {
         tracing::info!(digest = bulkhead_agent::enforcer::short(&a.digest),
             commit = %a.revision.commit, "re-applying the persisted policy");
-        enforcer.apply(a).context("re-applying the persisted policy")?;
+        enforcer
+            .apply(a)
+            .context("re-applying the persisted policy")?;
     }
-    enforcer.set_inventory(&vms).context("attaching to VM interfaces")?;
+    enforcer
+        .set_inventory(&vms)
+        .context("attaching to VM interfaces")?;
     let events = enforcer.take_events()?;
     let metrics = Arc::new(Metrics::new()?);
     metrics.vms.set(vms.len() as i64);
@@ -135,7 +142,11 @@ async fn main() -> Result<()> {
     flows::spawn_reader(events, pending.clone());
     let (vms_tx, vms_rx) = watch::channel(vms);
 
-    tokio::spawn(metrics::serve(args.metrics, metrics.clone(), enforcer.clone()));
+    tokio::spawn(metrics::serve(
+        args.metrics,
+        metrics.clone(),
+        enforcer.clone(),
+    ));
     tokio::spawn(session::run(
         cfg,
         Shared {
@@ -171,7 +182,9 @@ async fn main() -> Result<()> {
         let e = enforcer.clone();
         let v = vms.clone();
         let attached = tokio::task::spawn_blocking(move || -> Result<usize> {
-            let mut e = e.lock().map_err(|_| anyhow::anyhow!("enforcer lock poisoned"))?;
+            let mut e = e
+                .lock()
+                .map_err(|_| anyhow::anyhow!("enforcer lock poisoned"))?;
             e.set_inventory(&v)?;
             Ok(v.iter().map(|vm| vm.interfaces.len()).sum())
         })

@@ -3,7 +3,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use bulkhead_abi::{STAT_NAMES, STAT_EVENTS_RATE_LIMITED, STAT_EVENTS_RING_FULL};
+use bulkhead_abi::{STAT_EVENTS_RATE_LIMITED, STAT_EVENTS_RING_FULL, STAT_NAMES};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -149,8 +149,7 @@ impl Metrics {
                 + m.stat(STAT_EVENTS_RING_FULL).unwrap_or(0);
             self.events_not_delivered.set(lost as i64);
             if let Some(a) = e.current() {
-                self.applied_commit_time
-                    .set(a.revision.commit_time_unix);
+                self.applied_commit_time.set(a.revision.commit_time_unix);
             }
         }
         let mut out = Vec::new();
@@ -160,7 +159,11 @@ impl Metrics {
 }
 
 /// Serve `/metrics` on `addr`.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, enforcer: Arc<Mutex<Enforcer>>) -> Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    enforcer: Arc<Mutex<Enforcer>>,
+) -> Result<()> {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {

@@ -166,44 +166,50 @@ async fn handle(shared: &Shared, msg: pb::ControllerMessage) -> pb::Ack {
     let enforcer = shared.enforcer.clone();
     let metrics = shared.metrics.clone();
     let started = Instant::now();
-    let result = tokio::task::spawn_blocking(move || -> Result<(String, Vec<String>), (String, String, bool)> {
-        let mut e = enforcer.lock().map_err(|_| (String::new(), "enforcer lock poisoned".to_string(), false))?;
-        let applied = match msg.kind {
-            Some(pb::controller_message::Kind::Snapshot(s)) => {
-                let tables = bulkhead_wire::tables_from_pb(&s.tables.unwrap_or_default())
-                    .map_err(|err| (s.digest.clone(), err.to_string(), false))?;
-                Applied {
-                    revision: s.revision.unwrap_or_default(),
-                    digest: s.digest,
-                    tables,
-                }
-            }
-            Some(pb::controller_message::Kind::Delta(d)) => {
-                let base = e.current().map(|a| a.tables.clone()).unwrap_or_default();
-                match bulkhead_wire::apply_delta(&base, &d) {
-                    Ok(tables) => Applied {
-                        revision: d.revision.unwrap_or_default(),
-                        digest: d.digest,
+    let result = tokio::task::spawn_blocking(
+        move || -> Result<(String, Vec<String>), (String, String, bool)> {
+            let mut e = enforcer
+                .lock()
+                .map_err(|_| (String::new(), "enforcer lock poisoned".to_string(), false))?;
+            let applied = match msg.kind {
+                Some(pb::controller_message::Kind::Snapshot(s)) => {
+                    let tables = bulkhead_wire::tables_from_pb(&s.tables.unwrap_or_default())
+                        .map_err(|err| (s.digest.clone(), err.to_string(), false))?;
+                    Applied {
+                        revision: s.revision.unwrap_or_default(),
+                        digest: s.digest,
                         tables,
-                    },
-                    // Ask for a snapshot; keep enforcing what we have.
-                    Err(err) => return Err((d.digest, err.to_string(), true)),
+                    }
                 }
-            }
-            None => return Err((String::new(), "empty controller message".into(), false)),
-        };
-        let digest = applied.digest.clone();
-        let commit = applied.revision.commit.clone();
-        let report = e
-            .apply(applied)
-            .map_err(|err| (digest.clone(), format!("{err:#}"), false))?;
-        tracing::info!(digest = short(&digest), commit = %commit, epoch = report.epoch,
+                Some(pb::controller_message::Kind::Delta(d)) => {
+                    let base = e.current().map(|a| a.tables.clone()).unwrap_or_default();
+                    match bulkhead_wire::apply_delta(&base, &d) {
+                        Ok(tables) => Applied {
+                            revision: d.revision.unwrap_or_default(),
+                            digest: d.digest,
+                            tables,
+                        },
+                        // Ask for a snapshot; keep enforcing what we have.
+                        Err(err) => return Err((d.digest, err.to_string(), true)),
+                    }
+                }
+                None => return Err((String::new(), "empty controller message".into(), false)),
+            };
+            let digest = applied.digest.clone();
+            let commit = applied.revision.commit.clone();
+            let report = e
+                .apply(applied)
+                .map_err(|err| (digest.clone(), format!("{err:#}"), false))?;
+            tracing::info!(digest = short(&digest), commit = %commit, epoch = report.epoch,
             written = report.written, deleted = report.deleted, "applied");
-        Ok((digest, report.unbound))
-    })
+            Ok((digest, report.unbound))
+        },
+    )
     .await;
     let micros = started.elapsed().as_micros() as u64;
-    metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+    metrics
+        .apply_seconds
+        .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(Ok((digest, unbound))) => {
             metrics.applies.inc();

@@ -29,8 +29,11 @@ pub struct InventoryVm {
 
 /// The policy compiler: the exported tree of a commit and the inventory in, tables per host
 /// out, or every error found (an invalid commit is never partly applied).
-pub type CompileFn =
-    Arc<dyn Fn(&Path, &[InventoryVm]) -> Result<BTreeMap<String, HostTables>, Vec<String>> + Send + Sync>;
+pub type CompileFn = Arc<
+    dyn Fn(&Path, &[InventoryVm]) -> Result<BTreeMap<String, HostTables>, Vec<String>>
+        + Send
+        + Sync,
+>;
 
 /// One host's compiled tables.
 #[derive(Clone, Debug)]
@@ -205,7 +208,10 @@ impl Controller {
                 self.serve(&mut st, revision, hosts, inventory.1, detected);
             }
             Err(errors) => {
-                tracing::error!(?errors, "the inventory no longer compiles; serving the previous output");
+                tracing::error!(
+                    ?errors,
+                    "the inventory no longer compiles; serving the previous output"
+                );
                 st.last_compile_error = errors;
             }
         }
@@ -298,10 +304,14 @@ impl Controller {
         if serving.inventory_versions.get(host).copied().unwrap_or(0) < version {
             return None;
         }
-        let t = serving.hosts.get(host).cloned().unwrap_or_else(|| HostTablesRev {
-            digest: bulkhead_wire::digest(&HostTables::default()),
-            tables: Arc::new(HostTables::default()),
-        });
+        let t = serving
+            .hosts
+            .get(host)
+            .cloned()
+            .unwrap_or_else(|| HostTablesRev {
+                digest: bulkhead_wire::digest(&HostTables::default()),
+                tables: Arc::new(HostTables::default()),
+            });
         Some((serving.revision.clone(), t, serving.detected_at))
     }
 

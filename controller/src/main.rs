@@ -146,7 +146,15 @@ fn pki_cmd(cmd: PkiCmd) -> Result<()> {
                 ROLES.join(", ")
             );
             let ca = pki::read_pair(&dir, "ca")?;
-            let cert = pki::issue(&ca, &Subject::Admin { user: user.clone(), role }, days, 0)?;
+            let cert = pki::issue(
+                &ca,
+                &Subject::Admin {
+                    user: user.clone(),
+                    role,
+                },
+                days,
+                0,
+            )?;
             pki::write_pair(&out, &user, &cert)?;
             write_ca(&out, &ca)?;
             println!("certificate for {user} written to {}", out.display());
@@ -209,8 +217,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     match Args::parse().cmd {

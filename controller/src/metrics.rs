@@ -3,7 +3,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 use crate::Controller;
 
@@ -50,8 +53,14 @@ impl Metrics {
                 &r,
                 IntCounter::new("rejected_commits_total", "Commits that did not compile")?,
             ),
-            sessions: reg(&r, IntCounter::new("agent_sessions_total", "Agent sessions opened")?),
-            snapshots: reg(&r, IntCounter::new("snapshots_sent_total", "Full snapshots sent")?),
+            sessions: reg(
+                &r,
+                IntCounter::new("agent_sessions_total", "Agent sessions opened")?,
+            ),
+            snapshots: reg(
+                &r,
+                IntCounter::new("snapshots_sent_total", "Full snapshots sent")?,
+            ),
             deltas: reg(&r, IntCounter::new("deltas_sent_total", "Deltas sent")?),
             flow_records: reg(
                 &r,
@@ -87,9 +96,15 @@ impl Metrics {
             .iter()
             .filter(|h| !h.desired_digest.is_empty() && h.desired_digest == h.enforced_digest)
             .count();
-        self.hosts.with_label_values(&["known"]).set(status.hosts.len() as i64);
-        self.hosts.with_label_values(&["connected"]).set(connected as i64);
-        self.hosts.with_label_values(&["in_sync"]).set(in_sync as i64);
+        self.hosts
+            .with_label_values(&["known"])
+            .set(status.hosts.len() as i64);
+        self.hosts
+            .with_label_values(&["connected"])
+            .set(connected as i64);
+        self.hosts
+            .with_label_values(&["in_sync"])
+            .set(in_sync as i64);
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

@@ -418,7 +418,14 @@ fn bench_namespaces() {
     ] {
         run(
             "ip",
-            &["netns", "exec", &client.netns, "sysctl", "-qw", &format!("{key}={value}")],
+            &[
+                "netns",
+                "exec",
+                &client.netns,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ],
         )
         .expect("sysctl");
     }
@@ -499,9 +506,7 @@ fn bench_namespaces() {
         med(&none, |t| t.rr),
         med(&none, |t| t.crr),
     );
-    println!(
-        "### TCP between two namespace VMs on a bridge (median of {rounds} rotated rounds)\n"
-    );
+    println!("### TCP between two namespace VMs on a bridge (median of {rounds} rotated rounds)\n");
     println!(
         "| enforcement | iperf3 Gbit/s | vs none | RR txn/s | vs none | CRR conn/s | vs none |"
     );

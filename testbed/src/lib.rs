@@ -232,7 +232,10 @@ impl Lab {
     pub fn link_to(&mut self, other: &Lab) -> Result<(), LabError> {
         let a = format!("bhv{}.x", self.tag);
         let b = format!("bhv{}.x", other.tag);
-        run("ip", &["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+        run(
+            "ip",
+            &["link", "add", &a, "type", "veth", "peer", "name", &b],
+        )?;
         for (end, bridge) in [(&a, &self.bridge), (&b, &other.bridge)] {
             run("ip", &["link", "set", end, "master", bridge])?;
             run("ip", &["link", "set", end, "up"])?;

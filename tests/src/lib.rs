@@ -16,7 +16,9 @@ use bulkhead_wire::pki::{self, Pem, Subject};
 /// A built binary of this workspace, next to the test executable's `deps/` directory.
 pub fn bin_path(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let mut dir = exe.parent().context("test executable without a directory")?;
+    let mut dir = exe
+        .parent()
+        .context("test executable without a directory")?;
     if dir.ends_with("deps") {
         dir = dir.parent().context("deps without a parent")?;
     }
