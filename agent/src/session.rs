@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use bulkhead_wire::pb;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
 use crate::enforcer::{short, Applied, Enforcer};
 use crate::flows::Pending;
@@ -32,20 +32,15 @@ pub struct Shared {
 }
 
 async fn connect(cfg: &SessionConfig) -> Result<Channel> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&cfg.ca_pem))
-        .identity(Identity::from_pem(&cfg.cert_pem, &cfg.key_pem))
-        .domain_name(cfg.server_name.clone());
-    Endpoint::from_shared(cfg.controller.clone())
-        .context("controller address")?
-        .tls_config(tls)
-        .context("TLS configuration")?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the controller at {}", cfg.controller))
+    bulkhead_wire::connect(
+        &cfg.controller,
+        &cfg.server_name,
+        &cfg.ca_pem,
+        &cfg.cert_pem,
+        &cfg.key_pem,
+    )
+    .await
+    .with_context(|| format!("connecting to the controller at {}", cfg.controller))
 }
 
 /// Run sessions forever.

@@ -423,16 +423,14 @@ impl ControllerProc {
 
 /// Ask the controller for its status with an administrator certificate.
 pub async fn status(port: u16, ca: &Pem, admin: &Pem) -> Result<pb::StatusReply> {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&ca.cert))
-        .identity(Identity::from_pem(&admin.cert, &admin.key))
-        .domain_name("localhost");
-    let ch = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await?;
+    let ch = bulkhead_wire::connect(
+        &format!("https://127.0.0.1:{port}"),
+        "localhost",
+        &ca.cert,
+        &admin.cert,
+        &admin.key,
+    )
+    .await?;
     let mut c = pb::admin_client::AdminClient::new(ch);
     Ok(c.status(pb::StatusRequest {}).await?.into_inner())
 }
