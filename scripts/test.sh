@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Sets the machine up (idempotent) and runs every test that has landed.
-# Privileged tests (eBPF loaded into this kernel, network namespaces) run as root and print
-# "SKIPPED ..." otherwise.
+# Privileged tests (eBPF loaded into this kernel, network namespaces, agents) run as root and
+# print "SKIPPED ..." otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-CRATES=(-p bulkhead-abi -p bulkhead-datapath -p bulkhead-testbed -p xtask)
+CRATES=(-p bulkhead-abi -p bulkhead-datapath -p bulkhead-testbed -p bulkhead-wire
+  -p bulkhead-policy -p bulkhead-agent -p bulkhead-controller -p bulkhead-e2e -p xtask)
 cargo fmt "${CRATES[@]}" -- --check
 cargo clippy "${CRATES[@]}" --all-targets -- -D warnings
+# The end-to-end tests run the real binaries.
+cargo build -p bulkhead-agent -p bulkhead-controller
 cargo test -p bulkhead-abi --features user
-cargo test -p bulkhead-datapath -p bulkhead-testbed
+cargo test "${CRATES[@]:2}"
 # The benchmark binary must keep working: a short smoke run of its TestRun part.
 BENCH_QUICK=1 cargo bench -p bulkhead-datapath --bench datapath -- testrun

@@ -4,6 +4,7 @@
 //! Invariants: an invalid commit is rejected whole and the last good one keeps being served;
 //! a host receives only its own tables (its identity is its certificate); every revision a
 //! host acknowledges is recorded with the time it began enforcing it.
+pub mod compile;
 pub mod metrics;
 pub mod repo;
 pub mod server;

@@ -168,7 +168,6 @@ fn write_ca(out: &Path, ca: &pki::Pem) -> Result<()> {
     std::fs::write(&p, &ca.cert).with_context(|| format!("writing {}", p.display()))
 }
 
-/// Until the policy compiler is wired in, a repository is compiled by this function.
 fn compiler() -> bulkhead_controller::CompileFn {
     Arc::new(bulkhead_controller::compile::compile_tree)
 }

@@ -38,7 +38,10 @@ fn the_hospital_example_is_valid_and_enforces_its_intent() {
     };
     // emr-app → emr-db:5432, both ends (the symmetric counterpart opens the client's egress).
     let d = judge("emr-db-01", DIR_INGRESS, "10.77.1.21", 6, 5432);
-    assert_eq!((d.action, d.rule.unwrap().id.as_str()), (ACTION_ALLOW, "emr-app-to-db"));
+    assert_eq!(
+        (d.action, d.rule.unwrap().id.as_str()),
+        (ACTION_ALLOW, "emr-app-to-db")
+    );
     let d = judge("emr-app-01", DIR_EGRESS, "10.77.2.22", 6, 5432);
     assert_eq!(d.action, ACTION_ALLOW);
     // PACS may not reach the EMR database: default deny.

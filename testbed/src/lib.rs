@@ -88,6 +88,8 @@ pub struct Lab {
     pub bridge: String,
     pub vms: Vec<Vm>,
     netns: Vec<String>,
+    /// Next interface number: never reused, so names and MACs stay unique in a lab.
+    next_if: u8,
 }
 
 /// One namespace VM.
@@ -115,6 +117,7 @@ impl Lab {
             tag,
             vms: Vec::new(),
             netns: Vec::new(),
+            next_if: 1,
         };
         run("ip", &["link", "add", &lab.bridge, "type", "bridge"])?;
         run(
@@ -173,7 +176,8 @@ impl Lab {
         ipv4: Ipv4Addr,
         ipv6: Ipv6Addr,
     ) -> Result<Vm, LabError> {
-        let idx = self.vms.len() as u8 + 1;
+        let idx = self.next_if;
+        self.next_if = self.next_if.wrapping_add(1);
         let netns = format!("bhlab-{}-{name}", self.tag);
         let host_if = format!("bhv{}.{idx}", self.tag);
         let pid = std::process::id();
@@ -225,6 +229,16 @@ impl Lab {
         };
         self.vms.push(vm.clone());
         Ok(vm)
+    }
+
+    /// Remove a VM: its namespace and with it both ends of its veth pair.
+    pub fn remove_vm(&mut self, name: &str) -> Result<(), LabError> {
+        if let Some(i) = self.vms.iter().position(|v| v.name == name) {
+            let vm = self.vms.remove(i);
+            run("ip", &["netns", "del", &vm.netns])?;
+            self.netns.retain(|n| *n != vm.netns);
+        }
+        Ok(())
     }
 
     /// Connect this lab's bridge to another's with a veth pair: two hypervisor hosts on one
@@ -587,11 +601,15 @@ fn udp_echo_loop(s: UdpSocket, stop: Arc<AtomicBool>) {
 /// detaching the programs), also when the test fails.
 pub struct PinRoot(pub std::path::PathBuf);
 
+static PIN_COUNTER: AtomicU32 = AtomicU32::new(0);
+
 impl PinRoot {
+    /// Unique per call, also among concurrent tests of one process.
     pub fn new(test: &str) -> Self {
         Self(std::path::PathBuf::from(format!(
-            "/sys/fs/bpf/bulkhead-test-{test}-{}",
-            std::process::id()
+            "/sys/fs/bpf/bulkhead-test-{test}-{}-{}",
+            std::process::id(),
+            PIN_COUNTER.fetch_add(1, Ordering::Relaxed)
         )))
     }
 }

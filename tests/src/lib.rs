@@ -380,7 +380,10 @@ pub struct ControllerProc {
 
 impl ControllerProc {
     pub fn start(root: &Path, repo: &Path, pki_dir: &Path) -> Result<Self> {
-        let port = free_port()?;
+        Self::start_on(root, repo, pki_dir, free_port()?)
+    }
+
+    pub fn start_on(root: &Path, repo: &Path, pki_dir: &Path, port: u16) -> Result<Self> {
         let metrics_port = free_port()?;
         let args = vec![
             "serve".into(),
@@ -441,4 +444,170 @@ pub fn status_blocking(port: u16, ca: &Pem, admin: &Pem) -> Result<pb::StatusRep
         .enable_all()
         .build()?
         .block_on(status(port, ca, admin))
+}
+
+/// Ports every cluster VM serves (TCP and UDP echo): postgres, ssh, https.
+pub const SERVED_PORTS: [u16; 3] = [5432, 22, 443];
+
+/// A VM of the standard cluster: name, host index, address byte, labels.
+pub type Labels = &'static [(&'static str, &'static str)];
+
+pub const CLUSTER_VMS: [(&str, usize, u8, Labels); 5] = [
+    (
+        "emr-app",
+        0,
+        21,
+        &[("app", "emr"), ("role", "app"), ("env", "prod")],
+    ),
+    (
+        "pacs",
+        0,
+        31,
+        &[("app", "pacs"), ("role", "app"), ("env", "prod")],
+    ),
+    ("jump", 0, 61, &[("app", "jump"), ("env", "prod")]),
+    (
+        "emr-db",
+        1,
+        22,
+        &[("app", "emr"), ("role", "db"), ("env", "prod")],
+    ),
+    (
+        "his-app",
+        1,
+        11,
+        &[("app", "his"), ("role", "app"), ("env", "prod")],
+    ),
+];
+
+/// Two hypervisor hosts (bridges linked like hosts on one network), the controller on a
+/// git repository holding the example `policies/`, one agent per host.
+pub struct Cluster {
+    // Drop order: agents and controller first (fields drop in order), then hosts, then files.
+    pub controller: Option<ControllerProc>,
+    pub servers: Vec<bulkhead_testbed::Server>,
+    pub hosts: Vec<Host>,
+    pub repo: PolicyRepo,
+    pub pki: TestPki,
+    pub admin: Pem,
+    pub root: tempfile::TempDir,
+}
+
+pub fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+impl Cluster {
+    /// Build everything and wait until both hosts enforce the repository's head.
+    pub fn start() -> Result<Self> {
+        let root = tempfile::tempdir()?;
+        let pki = TestPki::new(root.path())?;
+        let admin = pki.admin("alice", "security-admin")?;
+        let repo = PolicyRepo::new(root.path(), &workspace_dir().join("policies"))?;
+        let mut hosts = vec![
+            Host::new(root.path(), "hv1")?,
+            Host::new(root.path(), "hv2")?,
+        ];
+        let (a, b) = hosts.split_at_mut(1);
+        a[0].lab.link_to(&b[0].lab)?;
+        let mut servers = Vec::new();
+        for (name, h, n, labels) in CLUSTER_VMS {
+            let vm = hosts[h].add_vm(name, n, labels)?;
+            for port in SERVED_PORTS {
+                servers.push(vm.serve(port)?);
+            }
+        }
+        let controller = ControllerProc::start(root.path(), &repo.dir, &pki.dir)?;
+        let mut c = Self {
+            controller: Some(controller),
+            servers,
+            hosts,
+            repo,
+            pki,
+            admin,
+            root,
+        };
+        for i in 0..c.hosts.len() {
+            c.start_agent(i)?;
+        }
+        c.wait_enforced(&c.repo.head()?, Duration::from_secs(30))?;
+        Ok(c)
+    }
+
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let port = self.controller.as_ref().map_or(1, |c| c.port);
+        let name = self.hosts[i].name.clone();
+        let dir = self.pki.host_dir(&name, 30, 0)?;
+        let root = self.root.path().to_path_buf();
+        self.hosts[i].start_agent(&root, port, &dir)
+    }
+
+    pub fn status(&self) -> Result<pb::StatusReply> {
+        let port = self.controller.as_ref().context("controller stopped")?.port;
+        status_blocking(port, &self.pki.ca, &self.admin)
+    }
+
+    /// Wait until every host acknowledges tables of `commit`; returns how long it took.
+    pub fn wait_enforced(&self, commit: &str, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        let mut last = None;
+        let ok = wait_until(timeout, || match self.status() {
+            Ok(s) => {
+                let done = s.hosts.len() == self.hosts.len()
+                    && s.hosts.iter().all(|h| {
+                        h.enforced_commit == commit
+                            && !h.enforced_digest.is_empty()
+                            && h.enforced_digest == h.desired_digest
+                    });
+                last = Some(s);
+                done
+            }
+            Err(_) => false,
+        });
+        if !ok {
+            bail!(
+                "commit {commit} not enforced everywhere within {timeout:?}; last status {last:#?}\n{}",
+                self.logs()
+            );
+        }
+        Ok(start.elapsed())
+    }
+
+    pub fn vm(&self, name: &str) -> Vm {
+        self.hosts
+            .iter()
+            .find_map(|h| h.vm(name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no VM {name}"))
+    }
+
+    /// Whether a TCP connection from VM `from` to VM `to` on `port` works.
+    pub fn reach(&self, from: &str, to: &str, port: u16) -> bool {
+        let to = self.vm(to);
+        self.vm(from).tcp_works(
+            SocketAddr::new(std::net::IpAddr::V4(to.ipv4), port),
+            Duration::from_millis(700),
+        )
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Some(c) = &self.controller {
+            out += &format!("--- controller\n{}\n", tail(&c.proc.log_text()));
+        }
+        for h in &self.hosts {
+            if let Some(a) = &h.agent {
+                out += &format!("--- agent {}\n{}\n", h.name, tail(&a.log_text()));
+            }
+        }
+        out
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }

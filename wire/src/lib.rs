@@ -377,6 +377,28 @@ pub fn apply_delta(base: &HostTables, d: &pb::Delta) -> Result<HostTables, WireE
     Ok(out)
 }
 
+/// A TLS channel to the controller with a client certificate (agent or administrator).
+pub async fn connect(
+    address: &str,
+    server_name: &str,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .identity(Identity::from_pem(cert_pem, key_pem))
+        .domain_name(server_name.to_string());
+    Endpoint::from_shared(address.to_string())?
+        .tls_config(tls)?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,26 +482,4 @@ mod tests {
             Err(WireError::DigestMismatch { .. })
         ));
     }
-}
-
-/// A TLS channel to the controller with a client certificate (agent or administrator).
-pub async fn connect(
-    address: &str,
-    server_name: &str,
-    ca_pem: &str,
-    cert_pem: &str,
-    key_pem: &str,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .identity(Identity::from_pem(cert_pem, key_pem))
-        .domain_name(server_name.to_string());
-    Endpoint::from_shared(address.to_string())?
-        .tls_config(tls)?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
-        .keep_alive_timeout(std::time::Duration::from_secs(10))
-        .connect()
-        .await
 }
