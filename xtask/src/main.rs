@@ -1,15 +1,9 @@
 //! Project tasks: `cargo xtask demo` (the README's first command runs it after setup).
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bulkhead_abi::*;
-use bulkhead_datapath::events::EventReader;
-use bulkhead_datapath::{Datapath, Tables};
-use bulkhead_testbed::rules::{self, allow, Rule};
-use bulkhead_testbed::{echo_roundtrip, Lab, PinRoot, Vm};
+use bulkhead_e2e::{Cluster, CLUSTER_VMS, SERVED_PORTS};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -21,9 +15,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Namespace "VMs" of a small hospital on a bridge, enforced by the real datapath: prints
-    /// who can reach whom before and after a policy change, then cleans everything up.
-    /// Needs root.
+    /// Two hypervisor hosts of namespace VMs, the controller on a git repository holding
+    /// policies/, one agent per host over mutual TLS: prints who can reach whom from real
+    /// connections, commits a policy change, prints the new matrix and the measured
+    /// commit-to-enforced time, then removes everything. Needs root and the release binaries
+    /// (scripts/demo.sh builds them).
     Demo,
 }
 
@@ -33,157 +29,130 @@ fn main() -> Result<()> {
     }
 }
 
-const T: Duration = Duration::from_millis(600);
-const PG: u16 = 5432;
-const SSH: u16 = 22;
-const HTTPS: u16 = 443;
-const PORTS: [u16; 3] = [PG, SSH, HTTPS];
-
-// VM indices in the lab.
-const EMR_APP: usize = 0;
-const EMR_DB: usize = 1;
-const PACS: usize = 2;
-const JUMP: usize = 3;
-
-/// The embedded default policy: default deny, the EMR application reaches its database, the
-/// PACS server serves HTTPS to the EMR application, and the jump host may SSH anywhere.
-fn hospital_policy(jump_ssh: bool) -> Vec<Rule> {
-    let mut r = vec![
-        allow(EMR_APP, DIR_EGRESS, None, PROTO_ANY, None),
-        allow(EMR_DB, DIR_INGRESS, Some(EMR_APP), 6, Some(PG)),
-        allow(PACS, DIR_INGRESS, Some(EMR_APP), 6, Some(HTTPS)),
-        allow(JUMP, DIR_EGRESS, None, 6, Some(SSH)),
-    ];
-    if jump_ssh {
-        for vm in [EMR_APP, EMR_DB, PACS] {
-            r.push(allow(vm, DIR_INGRESS, Some(JUMP), 6, Some(SSH)));
-        }
-    }
-    r
-}
-
 fn step(msg: &str) {
     println!("\n\x1b[1m== {msg}\x1b[0m");
 }
 
 fn demo() -> Result<()> {
     if let Some(why) = bulkhead_testbed::unprivileged_reason() {
-        bail!("the demo {why}; run it as root after ./scripts/setup.sh");
+        bail!("the demo {why}; run it as root through ./scripts/demo.sh");
     }
-    step("Creating four namespace VMs on a bridge");
-    let mut lab = Lab::new().context("creating the lab bridge")?;
-    for name in ["emr-app", "emr-db", "pacs", "jump"] {
-        let vm = lab
-            .add_vm(name)
-            .with_context(|| format!("creating VM {name}"))?;
+    step("Starting: 2 hosts of namespace VMs, a CA, the controller on a git repository of policies/, 2 agents");
+    let started = Instant::now();
+    let c = Cluster::start().context("starting the demo cluster")?;
+    for (name, host, _, labels) in CLUSTER_VMS {
+        let vm = c.vm(name);
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
-            "  {:<8} {:<11} {:<9} tap {}",
-            vm.name, vm.ipv4, vm.ipv6, vm.host_if
+            "  {:<8} on {}  {:<11} tap {:<14} {}",
+            name,
+            c.hosts[host].name,
+            vm.ipv4,
+            vm.host_if,
+            labels.join(",")
         );
     }
-    let vms = lab.vms.clone();
-    let _servers: Vec<_> = vms
-        .iter()
-        .flat_map(|vm| PORTS.iter().map(move |p| vm.serve(*p)))
-        .collect::<Result<_, _>>()
-        .context("starting echo servers in the VMs")?;
-
-    let pins = PinRoot::new("demo");
-    let mut dp = Datapath::load(&pins.0).context("loading the eBPF datapath")?;
-    let mut tables = dp.tables()?;
-    let mut events = EventReader::new(dp.events()?);
-    for vm in &vms {
-        dp.attach(vm.ifindex)
-            .with_context(|| format!("attaching to {} ({})", vm.host_if, vm.name))?;
-    }
-    step("Attached, no policy yet: the bootstrap posture (deny) holds");
-    matrix(&vms);
-
-    step("Policy revision 1: default deny; emr-app → emr-db:5432, emr-app → pacs:443, jump → *:22");
-    apply(&mut tables, &vms, &hospital_policy(true))?;
-    matrix(&vms);
-
-    step("An SSH session from jump to emr-db stays open across the next change…");
-    let ssh_to = SocketAddr::new(IpAddr::V4(vms[EMR_DB].ipv4), SSH);
-    let mut session = vms[JUMP].connect(ssh_to, T)?;
-    println!("  session echo: {}", ok(echo_roundtrip(&mut session, T)));
-
-    step("Policy revision 2: SSH from the jump host revoked");
-    apply(&mut tables, &vms, &hospital_policy(false))?;
-    let cut = !echo_roundtrip(&mut session, T);
+    let status = c.status()?;
+    let serving = status.serving.clone().unwrap_or_default();
     println!(
-        "  the open SSH session: {}",
-        if cut { "cut" } else { "STILL OPEN" }
+        "  all hosts enforce commit {} \"{}\" ({:.1} s from an empty machine)",
+        &serving.commit[..serving.commit.len().min(10)],
+        serving.summary,
+        started.elapsed().as_secs_f64()
     );
-    matrix(&vms);
+    step("Reachability from real TCP connections (ports that answered)");
+    let before = matrix(&c);
 
-    step("Flow events from the ring buffer (denies, with the rule that decided)");
-    let names: BTreeMap<u32, &str> = vms.iter().map(|v| (v.ifindex, v.name.as_str())).collect();
-    let mut shown = 0;
-    events.drain(|e| {
-        if shown < 8 && e.kind != EVENT_BOOTSTRAP {
-            shown += 1;
-            println!("  {}", describe(&e, &names));
-        }
-    });
-    step("Datapath counters");
-    let m = tables.maps();
-    for (i, name) in STAT_NAMES.iter().enumerate() {
-        let v = m.stat(i as u32)?;
-        if v > 0 {
-            print!("  {name}={v}");
+    step(
+        "A security administrator commits: the jump host loses SSH/RDP (policies/30-security.yaml)",
+    );
+    let path = "policies/30-security.yaml";
+    let text = std::fs::read_to_string(c.repo.dir.join(path))?;
+    let start = text.find("      - id: jump-ssh").context("jump-ssh rule")?;
+    let end = text[start..]
+        .find("      - id: backup-pull")
+        .context("next rule")?
+        + start;
+    let changed = format!("{}{}", &text[..start], &text[end..]);
+    let t0 = Instant::now();
+    let commit =
+        c.repo
+            .commit_file(path, &changed, "Revoke jump-host SSH/RDP (change CHG-2211)")?;
+    c.wait_enforced(&commit, Duration::from_secs(10))?;
+    let took = t0.elapsed();
+    println!(
+        "  commit {} enforced on every host {:.0} ms after `git commit`",
+        &commit[..10],
+        took.as_secs_f64() * 1e3
+    );
+    let after = matrix(&c);
+    step("What changed");
+    for (k, v) in &before {
+        if after.get(k) != Some(v) {
+            println!("  {} → {}: {} ⇒ {}", k.0, k.1, v, after[k]);
         }
     }
-    println!();
-    step("Cleaning up (links, pins, namespaces, bridge)");
-    drop(tables);
-    drop(dp);
-    drop(pins);
-    drop(lab);
+    step("An invalid commit is rejected whole; the hosts keep the last good revision");
+    let bad = c.repo.commit_file(
+        "policies/50-typo.yaml",
+        "policies:\n  - name: typo\n    tier: application\n    priority: 900\n    applies_to: [emr-dbb]\n",
+        "Typo in a group name",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = c.status()?;
+        if let Some(r) = s
+            .rejected
+            .iter()
+            .find(|r| r.revision.as_ref().is_some_and(|v| v.commit == bad))
+        {
+            for e in &r.errors {
+                println!("  rejected {}: {e}", &bad[..10]);
+            }
+            let enforced: Vec<String> = s
+                .hosts
+                .iter()
+                .map(|h| {
+                    format!(
+                        "{} enforces {}",
+                        h.host,
+                        &h.enforced_commit[..10.min(h.enforced_commit.len())]
+                    )
+                })
+                .collect();
+            println!("  {}", enforced.join(", "));
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the invalid commit was not reported");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    step("Cleaning up (agents, controller, links, pins, namespaces, bridges)");
+    drop(c);
     println!("  done");
     Ok(())
 }
 
-fn apply(tables: &mut Tables, vms: &[Vm], rules_: &[Rule]) -> Result<()> {
-    let t = rules::tables(vms, rules_);
-    let r = tables
-        .apply(&t, &rules::bindings(vms))
-        .context("applying the policy")?;
-    println!(
-        "  epoch {} active: {} table entries written, {} deleted, in {:.1} ms",
-        r.epoch,
-        r.written,
-        r.deleted,
-        r.duration.as_secs_f64() * 1e3
-    );
-    Ok(())
-}
-
-fn ok(b: bool) -> &'static str {
-    if b {
-        "\x1b[32mok\x1b[0m"
-    } else {
-        "\x1b[31mdenied\x1b[0m"
-    }
-}
-
-/// Reachability from real TCP connections: each cell lists the ports that answered.
-fn matrix(vms: &[Vm]) {
+/// Print and return the matrix: (from, to) → open ports.
+fn matrix(c: &Cluster) -> BTreeMap<(String, String), String> {
+    let names: Vec<&str> = CLUSTER_VMS.iter().map(|v| v.0).collect();
+    let mut out = BTreeMap::new();
     print!("  {:<9}", "from\\to");
-    for v in vms {
-        print!("{:<16}", v.name);
+    for n in &names {
+        print!("{n:<12}");
     }
     println!();
-    for from in vms {
-        print!("  {:<9}", from.name);
-        for to in vms {
-            if from.name == to.name {
-                print!("{:<16}", "-");
+    for from in &names {
+        print!("  {from:<9}");
+        for to in &names {
+            if from == to {
+                print!("{:<12}", "-");
                 continue;
             }
-            let open: Vec<String> = PORTS
+            let open: Vec<String> = SERVED_PORTS
                 .iter()
-                .filter(|p| from.tcp_works(SocketAddr::new(IpAddr::V4(to.ipv4), **p), T))
+                .filter(|p| c.reach(from, to, **p))
                 .map(|p| p.to_string())
                 .collect();
             let cell = if open.is_empty() {
@@ -191,44 +160,10 @@ fn matrix(vms: &[Vm]) {
             } else {
                 open.join(",")
             };
-            print!("{cell:<16}");
+            print!("{cell:<12}");
+            out.insert((from.to_string(), to.to_string()), cell);
         }
         println!();
-        let _ = std::io::stdout().flush();
     }
-}
-
-fn describe(e: &FlowEvent, names: &BTreeMap<u32, &str>) -> String {
-    let addr = |a: &[u8; 16]| -> String {
-        if e.family == 4 {
-            format!("{}.{}.{}.{}", a[12], a[13], a[14], a[15])
-        } else {
-            std::net::Ipv6Addr::from(*a).to_string()
-        }
-    };
-    let kind = match e.kind {
-        EVENT_DENY => "deny",
-        EVENT_MONITOR => "would-deny",
-        EVENT_ALLOW_LOG => "allow",
-        EVENT_REJECT => "reject",
-        EVENT_SPOOF => "spoof",
-        EVENT_REVOKED => "revoked",
-        _ => "other",
-    };
-    let dir = if e.direction == DIR_EGRESS {
-        "egress"
-    } else {
-        "ingress"
-    };
-    format!(
-        "{kind:<8} {} {dir:<7} {}:{} → {}:{} proto {} rule #{} epoch {}",
-        names.get(&e.ifindex).copied().unwrap_or("?"),
-        addr(&e.src),
-        e.sport,
-        addr(&e.dst),
-        e.dport,
-        e.proto,
-        e.rule,
-        e.epoch
-    )
+    out
 }
