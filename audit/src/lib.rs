@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod record;
+pub mod recorder;
 pub mod roles;
 pub mod store;
 pub mod timesync;

@@ -675,6 +675,10 @@ impl Store {
     ) -> Result<std::ops::Range<u64>> {
         self.sample_clock();
         let now = (self.cfg.clock)();
+        if (now - self.active_created).unsigned_abs() >= self.cfg.segment_max_age {
+            // Age-based rotation happens before the write, so a segment holds one period.
+            self.rotate()?;
+        }
         let ts = format_ts(now);
         self.buf.clear();
         let start = self.next_seq;
@@ -723,9 +727,7 @@ impl Store {
         if self.last_ckpt_at.elapsed() >= self.cfg.checkpoint_interval {
             self.checkpoint()?;
         }
-        if self.active_bytes >= self.cfg.segment_max_bytes
-            || (now - self.active_created).unsigned_abs() >= self.cfg.segment_max_age
-        {
+        if self.active_bytes >= self.cfg.segment_max_bytes {
             self.rotate()?;
         }
         Ok(start..seq)
