@@ -4,6 +4,7 @@
 //! See `ARCHITECTURE-audit.md` for the formats and guarantees.
 
 pub mod error;
+pub mod export;
 pub mod record;
 pub mod recorder;
 pub mod roles;
