@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod export;
+pub mod forward;
 pub mod record;
 pub mod recorder;
 pub mod roles;
