@@ -3,8 +3,10 @@
 //!
 //! See `ARCHITECTURE-audit.md` for the formats and guarantees.
 
+pub mod alerts;
 pub mod error;
 pub mod export;
+pub mod flow;
 pub mod forward;
 pub mod record;
 pub mod recorder;
