@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoCtx, Result};
 use crate::record::{Event, Outcome, Record};
@@ -336,7 +336,7 @@ fn tls_config(transport: &Transport) -> Result<Arc<rustls::ClientConfig>> {
 }
 
 /// Forwarding state, for status pages and the compliance report.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ForwardStatus {
     pub name: String,
     pub addr: String,

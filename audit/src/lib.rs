@@ -4,12 +4,14 @@
 //! See `ARCHITECTURE-audit.md` for the formats and guarantees.
 
 pub mod alerts;
+pub mod cli;
 pub mod error;
 pub mod export;
 pub mod flow;
 pub mod forward;
 pub mod record;
 pub mod recorder;
+pub mod report;
 pub mod roles;
 pub mod store;
 pub mod timesync;

@@ -1,13 +1,13 @@
 //! Clock synchronisation state (the kernel's NTP discipline via `adjtimex(2)`, read-only).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::record::{ClockState, Event};
 
 /// Offset beyond which the clock is reported as not synchronised, even if the kernel says it is.
 pub const MAX_OFFSET_US: i64 = 500_000;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClockStatus {
     pub synced: bool,
     pub offset_us: i64,
