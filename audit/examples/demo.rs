@@ -51,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "10.10.0.5:51000",
         "global/default",
     )
-    .map_err(|e| e.0)?;
+    .map_err(|e| e.refusal)?;
     s.append(admin_event(
         &p,
         "10.10.0.5:51000",
@@ -63,23 +63,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ))?;
     // A system administrator tries to reconfigure auditing: refused, and audited.
     let bob = id("bulkhead://role/system-admin/bob");
-    if let Err((_, refusal)) = authorize(
+    if let Err(r) = authorize(
         &bob,
         Operation::AuditConfigure,
         "10.10.0.6:40022",
         "audit/forwarding",
     ) {
-        s.append(refusal)?;
+        s.append(r.record)?;
     }
     // A certificate combining two roles is refused.
     let mut mallory = id("bulkhead://role/security-admin/mallory");
     mallory
         .san_uris
         .push("bulkhead://role/audit-admin/mallory".into());
-    if let Err((_, refusal)) =
-        authorize(&mallory, Operation::AuditExport, "10.10.0.9:3333", "audit")
-    {
-        s.append(refusal)?;
+    if let Err(r) = authorize(&mallory, Operation::AuditExport, "10.10.0.9:3333", "audit") {
+        s.append(r.record)?;
     }
     s.append(Event::PolicyRevision {
         commit: "3f2a9c1".into(),

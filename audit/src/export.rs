@@ -74,7 +74,7 @@ impl Filter {
                 return false;
             }
         }
-        if !self.types.is_empty() && !self.types.iter().any(|t| *t == r.kind) {
+        if !self.types.is_empty() && !self.types.contains(&r.kind) {
             return false;
         }
         if let Some(vm) = &self.vm {

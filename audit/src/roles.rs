@@ -171,6 +171,13 @@ pub enum Refusal {
     WrongRole { op: String, need: Role, have: Role },
 }
 
+/// A refused request and the audit record of the refusal (which must be recorded).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refused {
+    pub refusal: Refusal,
+    pub record: Event,
+}
+
 const URI_PREFIX: &str = "bulkhead://role/";
 
 /// Map a certificate identity to a principal (exactly one role, one user).
@@ -227,7 +234,7 @@ pub fn authorize(
     op: Operation,
     source: &str,
     object: &str,
-) -> Result<Principal, (Refusal, Event)> {
+) -> Result<Principal, Box<Refused>> {
     let refused = |refusal: Refusal, user: String, role: Option<Role>| {
         let ev = Event::AdminAction {
             user,
@@ -240,7 +247,10 @@ pub fn authorize(
             success: false,
             reason: Some(format!("refused: {refusal}")),
         };
-        (refusal, ev)
+        Box::new(Refused {
+            refusal,
+            record: ev,
+        })
     };
     let display_user = || {
         id.common_name
@@ -362,8 +372,9 @@ mod tests {
     fn two_roles_refused_and_audited() {
         let mut id = uri("security-admin", "alice");
         id.san_uris.push("bulkhead://role/audit-admin/alice".into());
-        let (r, ev) =
+        let refused =
             authorize(&id, Operation::PolicyApply, "10.0.0.5:4431", "policy/web").unwrap_err();
+        let (r, ev) = (refused.refusal, refused.record);
         assert!(matches!(r, Refusal::MultipleRoles(_)));
         match ev {
             Event::AdminAction {

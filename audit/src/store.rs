@@ -465,9 +465,9 @@ impl Store {
         for ent in fs::read_dir(&sdir).ctx(&sdir)? {
             let p = ent.ctx(&sdir)?.path();
             let name = p.to_string_lossy().into_owned();
-            if name.ends_with(".tmp") {
-                fs::remove_file(&p).ctx(&p)?;
-            } else if name.ends_with(".log") && Path::new(&format!("{name}.gz")).exists() {
+            let leftover = name.ends_with(".tmp")
+                || (name.ends_with(".log") && Path::new(&format!("{name}.gz")).exists());
+            if leftover {
                 fs::remove_file(&p).ctx(&p)?;
             }
         }

@@ -15,8 +15,8 @@ fn every_control_item_is_reported_and_gaps_are_plain() {
         san_uris: vec!["bulkhead://role/system-admin/bob".into()],
         ..Default::default()
     };
-    let (_, refusal) = authorize(&sys, Operation::AuditConfigure, "10.0.0.6", "audit").unwrap_err();
-    s.append(refusal).unwrap();
+    let refused = authorize(&sys, Operation::AuditConfigure, "10.0.0.6", "audit").unwrap_err();
+    s.append(refused.record).unwrap();
     s.close().unwrap();
 
     // Only what the store can provide.
