@@ -51,34 +51,49 @@ pub fn chain_hash(prev: &[u8; 32], body: &[u8]) -> [u8; 32] {
 }
 
 pub fn to_hex(b: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(HEX[(x >> 4) as usize] as char);
-        s.push(HEX[(x & 15) as usize] as char);
-    }
-    s
+    let mut v = Vec::with_capacity(b.len() * 2);
+    push_hex(&mut v, b);
+    String::from_utf8(v).unwrap_or_default()
 }
 
+/// Append lowercase hex.
+pub fn push_hex(out: &mut Vec<u8>, b: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for x in b {
+        out.push(HEX[(x >> 4) as usize]);
+        out.push(HEX[(x & 15) as usize]);
+    }
+}
+
+const HEX_DECODE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// Decode 64 lowercase hex characters.
 pub fn from_hex32(s: &[u8]) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;
     }
     let mut out = [0u8; 32];
+    let mut bad = 0u8;
     for (i, o) in out.iter_mut().enumerate() {
-        let hi = hexval(s[2 * i])?;
-        let lo = hexval(s[2 * i + 1])?;
-        *o = hi << 4 | lo;
+        let hi = HEX_DECODE[s[2 * i] as usize];
+        let lo = HEX_DECODE[s[2 * i + 1] as usize];
+        bad |= (hi | lo) & 0xf0;
+        *o = (hi << 4) | (lo & 0x0f);
     }
-    Some(out)
-}
-
-fn hexval(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    }
+    (bad == 0).then_some(out)
 }
 
 /// A record line split into its parts (`line` excludes the newline).
@@ -251,12 +266,9 @@ impl SegmentFile {
     pub fn read_all(&self) -> Result<Vec<u8>> {
         let mut f = File::open(&self.path).ctx(&self.path)?;
         let mut out = Vec::new();
+        f.read_to_end(&mut out).ctx(&self.path)?;
         if self.compressed {
-            flate2::read::GzDecoder::new(f)
-                .read_to_end(&mut out)
-                .ctx(&self.path)?;
-        } else {
-            f.read_to_end(&mut out).ctx(&self.path)?;
+            out = gunzip(&out).ctx(&self.path)?;
         }
         Ok(out)
     }
@@ -446,6 +458,8 @@ pub struct Store {
     clock_state: ClockState,
     clock_sampled: Option<Instant>,
     buf: Vec<u8>,
+    /// Background compression of the previous segment (at most one outstanding).
+    compressor: Option<std::thread::JoinHandle<Result<PathBuf>>>,
 }
 
 impl Store {
@@ -605,6 +619,7 @@ impl Store {
             clock_state: ClockState::Unknown,
             clock_sampled: None,
             buf: Vec::with_capacity(1 << 20),
+            compressor: None,
         };
         let mut evs = Vec::new();
         if let Some((seg, n, q)) = &report.repaired {
@@ -684,24 +699,36 @@ impl Store {
         let start = self.next_seq;
         let mut seq = self.next_seq;
         let mut prev = self.last_hash;
+        // The constant parts of every line of this batch, serialised once. The layout is
+        // exactly that of `serde_json::to_vec(&Record)` minus the closing brace.
+        let ts_json = serde_json::to_string(&ts)?;
+        let host_json = serde_json::to_string(&self.cfg.host)?;
+        let clock: &[u8] = match self.clock_state {
+            ClockState::Synced => b"\"synced\"",
+            ClockState::Unsynced => b"\"unsynced\"",
+            ClockState::Unknown => b"\"unknown\"",
+        };
         for ev in evs {
-            let rec = Record {
-                seq,
-                ts: ts.clone(),
-                host: self.cfg.host.clone(),
-                clock: self.clock_state,
-                kind: ev.kind().to_string(),
-                subject: ev.subject(),
-                outcome: ev.outcome(),
-                detail: ev,
-            };
             let at = self.buf.len();
-            serde_json::to_writer(&mut self.buf, &rec)?;
-            // Drop the closing brace, hash, append the suffix.
-            self.buf.pop();
+            self.buf.extend_from_slice(b"{\"seq\":");
+            self.buf.extend_from_slice(seq.to_string().as_bytes());
+            self.buf.extend_from_slice(b",\"ts\":");
+            self.buf.extend_from_slice(ts_json.as_bytes());
+            self.buf.extend_from_slice(b",\"host\":");
+            self.buf.extend_from_slice(host_json.as_bytes());
+            self.buf.extend_from_slice(b",\"clock\":");
+            self.buf.extend_from_slice(clock);
+            self.buf.extend_from_slice(b",\"type\":\"");
+            self.buf.extend_from_slice(ev.kind().as_bytes());
+            self.buf.extend_from_slice(b"\",\"subject\":");
+            serde_json::to_writer(&mut self.buf, &ev.subject())?;
+            self.buf.extend_from_slice(b",\"outcome\":\"");
+            self.buf.extend_from_slice(ev.outcome().as_str().as_bytes());
+            self.buf.extend_from_slice(b"\",\"detail\":");
+            serde_json::to_writer(&mut self.buf, &ev)?;
             let h = chain_hash(&prev, &self.buf[at..]);
             self.buf.extend_from_slice(SUFFIX_HEAD);
-            self.buf.extend_from_slice(to_hex(&h).as_bytes());
+            push_hex(&mut self.buf, &h);
             self.buf.extend_from_slice(b"\"}\n");
             prev = h;
             seq += 1;
@@ -777,7 +804,18 @@ impl Store {
         self.active_bytes = n;
         self.active_created = now;
         if self.cfg.compress {
-            compress_segment(&old)?;
+            // Off the append path: at most one compression runs; wait for the previous one.
+            self.wait_compression()?;
+            self.compressor = Some(std::thread::spawn(move || compress_segment(&old)));
+        }
+        Ok(())
+    }
+
+    /// Wait for the background compression of the last closed segment, if any.
+    pub fn wait_compression(&mut self) -> Result<()> {
+        if let Some(h) = self.compressor.take() {
+            h.join()
+                .map_err(|_| Error::Corrupt("segment compression thread panicked".into()))??;
         }
         Ok(())
     }
@@ -786,6 +824,7 @@ impl Store {
     /// A `retention_purged` record is appended (durably) before each file is removed.
     /// Returns the purged segment names.
     pub fn enforce_retention(&mut self) -> Result<Vec<String>> {
+        self.wait_compression()?;
         let now = (self.cfg.clock)();
         let limit = now - time::Duration::days(i64::from(self.cfg.retention_days));
         let mut purged = Vec::new();
@@ -830,7 +869,7 @@ impl Store {
             detail: String::new(),
         })?;
         self.checkpoint()?;
-        Ok(())
+        self.wait_compression()
     }
 }
 
@@ -892,9 +931,7 @@ pub fn compress_segment(path: &Path) -> Result<PathBuf> {
     let tmp = PathBuf::from(format!("{}.gz.tmp", path.display()));
     let mut src = File::open(path).ctx(path)?;
     let out = File::create(&tmp).ctx(&tmp)?;
-    let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
-    std::io::copy(&mut src, &mut enc).ctx(&tmp)?;
-    let out = enc.finish().ctx(&tmp)?;
+    let out = gzip(&mut src, out).ctx(&tmp)?;
     out.sync_all().ctx(&tmp)?;
     fs::rename(&tmp, &gz).ctx(&gz)?;
     let parent = path.parent().unwrap_or(Path::new("."));
@@ -902,4 +939,67 @@ pub fn compress_segment(path: &Path) -> Result<PathBuf> {
     fs::remove_file(path).ctx(path)?;
     fsync_dir(parent)?;
     Ok(gz)
+}
+
+/// Write a standard single-member gzip file (RFC 1952; `zcat` reads it). The CRC-32 is
+/// computed with `crc32fast` (PCLMULQDQ when available) rather than by the deflate backend.
+pub fn gzip(src: &mut impl Read, dst: File) -> std::io::Result<File> {
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, dst);
+    // ID1 ID2 CM=deflate FLG=0 MTIME=0 XFL=0 OS=255 (unknown).
+    w.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255])?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut size: u32 = 0;
+    let mut enc = flate2::write::DeflateEncoder::new(w, flate2::Compression::fast());
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        crc.update(&buf[..n]);
+        size = size.wrapping_add(n as u32);
+        enc.write_all(&buf[..n])?;
+    }
+    let mut w = enc.finish()?;
+    w.write_all(&crc.finalize().to_le_bytes())?;
+    w.write_all(&size.to_le_bytes())?;
+    w.into_inner().map_err(|e| e.into_error())
+}
+
+/// Decompress a single-member gzip file, checking its CRC-32 and length.
+pub fn gunzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    if data.len() < 18 || data[0] != 0x1f || data[1] != 0x8b || data[2] != 8 {
+        return Err(bad("not a gzip file"));
+    }
+    let flg = data[3];
+    let mut pos = 10usize;
+    if flg & 4 != 0 {
+        let xlen = usize::from(u16::from_le_bytes([data[10], data[11]]));
+        pos += 2 + xlen;
+    }
+    for bit in [8u8, 16] {
+        if flg & bit != 0 {
+            let z = data
+                .get(pos..)
+                .and_then(|d| memchr::memchr(0, d))
+                .ok_or_else(|| bad("truncated gzip header"))?;
+            pos += z + 1;
+        }
+    }
+    if flg & 2 != 0 {
+        pos += 2;
+    }
+    if pos + 8 > data.len() {
+        return Err(bad("truncated gzip file"));
+    }
+    let t = data.len() - 8;
+    let crc = u32::from_le_bytes([data[t], data[t + 1], data[t + 2], data[t + 3]]);
+    let isize = u32::from_le_bytes([data[t + 4], data[t + 5], data[t + 6], data[t + 7]]);
+    let mut out = Vec::with_capacity(isize as usize);
+    flate2::read::DeflateDecoder::new(&data[pos..t]).read_to_end(&mut out)?;
+    if crc32fast::hash(&out) != crc || out.len() as u32 != isize {
+        return Err(bad("gzip CRC/length mismatch"));
+    }
+    Ok(out)
 }

@@ -34,6 +34,7 @@ fn rotation_compression_and_retention() {
             s.append(admin(day as u64 * 5 + i)).unwrap();
         }
     }
+    s.wait_compression().unwrap();
     let segs = list_segments(d.path()).unwrap();
     assert!(segs.len() >= 199, "{}", segs.len());
     assert!(segs[..segs.len() - 1].iter().all(|s| s.compressed));

@@ -272,3 +272,18 @@ fn retention_floor_enforced() {
         Err(bulkhead_audit::Error::Config(_))
     ));
 }
+
+#[test]
+fn stored_layout_is_serde_layout() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut s, _) = Store::open(cfg(d.path())).unwrap();
+    s.append(admin(1)).unwrap();
+    s.append(flow(2)).unwrap();
+    s.close().unwrap();
+    for l in lines(&active_segment(d.path())).iter().skip(1) {
+        let rec: Record = serde_json::from_str(l).unwrap();
+        let mut v = serde_json::to_vec(&rec).unwrap();
+        v.pop();
+        assert_eq!(split_line(l.as_bytes()).unwrap().body, &v[..]);
+    }
+}
