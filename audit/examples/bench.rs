@@ -60,7 +60,17 @@ fn names() -> StaticNames {
     n
 }
 
+/// Process CPU time (user + system, all threads), seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 struct Counts {
+    cpu: f64,
     offered: u64,
     stored: u64,
     accounted: u64,
@@ -103,6 +113,7 @@ fn ingest(dir: &Path, seconds: f64, rate: Option<u64>, batch: usize) -> Counts {
     let n = names();
     // Pre-build a pool of records (the agent's aggregation/naming cost is not the store's).
     let pool: Vec<Event> = (0..batch as u64 * 4).map(|i| flow_event(i, &n)).collect();
+    let cpu0 = cpu_seconds();
     let start = Instant::now();
     let mut offered = 0u64;
     let mut k = 0usize;
@@ -124,6 +135,7 @@ fn ingest(dir: &Path, seconds: f64, rate: Option<u64>, batch: usize) -> Counts {
     let elapsed = start.elapsed();
     let (stored, accounted) = count_store(dir);
     Counts {
+        cpu: cpu_seconds() - cpu0,
         offered,
         stored,
         accounted,
@@ -159,14 +171,14 @@ fn main() {
         sample + 260
     );
     println!();
-    println!("| scenario | offered | stored | dropped (accounted) | unaccounted | seconds | stored/s | fsync batches | on disk |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| scenario | offered | stored | dropped (accounted) | unaccounted | seconds | stored/s | fsync batches | on disk | process CPU s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (name, r) in [("max rate", None), ("paced", Some(rate))] {
         let dir = base.join(name.replace(' ', "-"));
         let c = ingest(&dir, seconds, r, 1000);
         let unaccounted = c.offered as i64 - (c.stored + c.accounted) as i64;
         println!(
-            "| {} | {} | {} | {} | {} | {:.1} | {:.0} | {} | {:.0} MiB |",
+            "| {} | {} | {} | {} | {} | {:.1} | {:.0} | {} | {:.0} MiB | {:.1} |",
             match r {
                 None => "max rate".to_string(),
                 Some(r) => format!("paced {r}/s"),
@@ -178,7 +190,8 @@ fn main() {
             c.elapsed.as_secs_f64(),
             c.stored as f64 / c.elapsed.as_secs_f64(),
             c.batches,
-            c.bytes as f64 / 1048576.0
+            c.bytes as f64 / 1048576.0,
+            c.cpu
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -189,6 +202,7 @@ fn main() {
         let (mut s, _) = Store::open(StoreConfig::new(&dir, "hv-bench-01")).expect("open");
         let n = names();
         let pool: Vec<Event> = (0..10_000u64).map(|i| flow_event(i, &n)).collect();
+        let cpu0 = cpu_seconds();
         let t = Instant::now();
         let mut done = 1u64;
         while done < verify_n {
@@ -198,21 +212,26 @@ fn main() {
         }
         s.close().expect("close");
         let build = t.elapsed();
+        let build_cpu = cpu_seconds() - cpu0;
         let bytes = dir_bytes(&dir);
+        let cpu0 = cpu_seconds();
         let t = Instant::now();
         let r = bulkhead_audit::verify(&dir, None).expect("verify");
         let v = t.elapsed();
+        let verify_cpu = cpu_seconds() - cpu0;
         println!();
-        println!("| verify | records | segments | on disk (gzip) | build time | verify time | records/s | result |");
+        println!("| verify | records | segments | on disk (gzip) | build (append) wall / CPU | verify wall / CPU | verified records/s (wall) | result |");
         println!("|---|---:|---:|---:|---:|---:|---:|---|");
         println!(
-            "| {} records | {} | {} | {:.0} MiB | {:.1} s | {:.1} s | {:.0} | {} |",
+            "| {} records | {} | {} | {:.0} MiB | {:.1} s / {:.1} s | {:.1} s / {:.1} s | {:.0} | {} |",
             verify_n,
             r.records,
             r.segments,
             bytes as f64 / 1048576.0,
             build.as_secs_f64(),
+            build_cpu,
             v.as_secs_f64(),
+            verify_cpu,
             r.records as f64 / v.as_secs_f64(),
             if r.ok() { "OK" } else { "PROBLEMS" }
         );

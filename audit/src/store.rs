@@ -460,6 +460,8 @@ pub struct Store {
     buf: Vec<u8>,
     /// Background compression of the previous segment (at most one outstanding).
     compressor: Option<std::thread::JoinHandle<Result<PathBuf>>>,
+    /// Exclusive lock on `LOCK`: one writer per store.
+    _lock: File,
 }
 
 impl Store {
@@ -471,6 +473,7 @@ impl Store {
         for d in [dir.clone(), segments_dir(&dir), dir.join("quarantine")] {
             fs::create_dir_all(&d).ctx(&d)?;
         }
+        let lock = lock_dir(&dir)?;
         let key = load_or_create_key(&dir)?;
         let now = (cfg.clock)();
         let sdir = segments_dir(&dir);
@@ -620,6 +623,7 @@ impl Store {
             clock_sampled: None,
             buf: Vec::with_capacity(1 << 20),
             compressor: None,
+            _lock: lock,
         };
         let mut evs = Vec::new();
         if let Some((seg, n, q)) = &report.repaired {
@@ -806,7 +810,15 @@ impl Store {
         if self.cfg.compress {
             // Off the append path: at most one compression runs; wait for the previous one.
             self.wait_compression()?;
-            self.compressor = Some(std::thread::spawn(move || compress_segment(&old)));
+            self.compressor = Some(std::thread::spawn(move || {
+                // Compression must never starve the writer: lowest CPU priority (this thread).
+                // SAFETY: setpriority on the calling thread's id.
+                unsafe {
+                    let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                    libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+                }
+                compress_segment(&old)
+            }));
         }
         Ok(())
     }
@@ -871,6 +883,25 @@ impl Store {
         self.checkpoint()?;
         self.wait_compression()
     }
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let p = dir.join("LOCK");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .ctx(&p)?;
+    // SAFETY: flock on a valid descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Config(format!(
+            "{} is already open by another writer",
+            dir.display()
+        )));
+    }
+    Ok(f)
 }
 
 fn last_record_line(data: &[u8]) -> Option<&[u8]> {

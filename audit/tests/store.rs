@@ -287,3 +287,16 @@ fn stored_layout_is_serde_layout() {
         assert_eq!(split_line(l.as_bytes()).unwrap().body, &v[..]);
     }
 }
+
+#[test]
+fn one_writer_per_store() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, _) = Store::open(cfg(d.path())).unwrap();
+    assert!(matches!(
+        Store::open(cfg(d.path())),
+        Err(bulkhead_audit::Error::Config(_))
+    ));
+    s.close().unwrap();
+    let (s, _) = Store::open(cfg(d.path())).unwrap();
+    s.close().unwrap();
+}
