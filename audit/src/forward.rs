@@ -116,6 +116,13 @@ fn header_token(s: &str, max: usize) -> String {
     }
 }
 
+/// CEF timestamps: milliseconds since the epoch (accepted by every CEF consumer).
+fn cef_time(ts: &str) -> String {
+    crate::record::parse_ts(ts)
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000).to_string())
+        .unwrap_or_default()
+}
+
 fn cef_header(s: &str) -> String {
     s.replace('\\', "\\\\").replace('|', "\\|")
 }
@@ -143,7 +150,7 @@ pub fn cef(r: &Record) -> String {
         _ => r.kind.replace('_', " "),
     };
     let mut ext: Vec<(&str, String)> = vec![
-        ("rt", r.ts.clone()),
+        ("rt", cef_time(&r.ts)),
         ("dvchost", r.host.clone()),
         ("externalId", r.seq.to_string()),
         ("outcome", r.outcome.as_str().into()),
@@ -175,8 +182,8 @@ pub fn cef(r: &Record) -> String {
                 ("cs3", f.policy.clone().unwrap_or_default()),
                 ("shost", f.src_vm.clone().unwrap_or_default()),
                 ("dhost", f.dst_vm.clone().unwrap_or_default()),
-                ("start", f.first_seen.clone()),
-                ("end", f.last_seen.clone()),
+                ("start", cef_time(&f.first_seen)),
+                ("end", cef_time(&f.last_seen)),
             ]);
         }
         Event::Alert(a) => ext.extend([
@@ -185,8 +192,8 @@ pub fn cef(r: &Record) -> String {
             ("shost", a.source_vm.clone().unwrap_or_default()),
             ("dst", a.target.clone()),
             ("cnt", a.count.to_string()),
-            ("start", a.first_seen.clone()),
-            ("end", a.last_seen.clone()),
+            ("start", cef_time(&a.first_seen)),
+            ("end", cef_time(&a.last_seen)),
             ("msg", a.detail.clone()),
         ]),
         Event::AdminAction {

@@ -206,6 +206,11 @@ impl Evidence {
             Ok(true)
         })?;
         ev.retention = Some(ret);
+        // This host's clock; the controller replaces it with every host's state.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "local".into());
+        ev.time_sync = Some(vec![(host, crate::timesync::clock_status())]);
         ev.coverage = Some(cov);
         ev.recent_alerts = Some(alerts);
         Ok(ev)

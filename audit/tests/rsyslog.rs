@@ -217,9 +217,8 @@ fn tcp_json() {
         assert_eq!(payload, stored[i]);
     }
     println!(
-        "    tcp/json: {} records delivered once each; sample: {}",
-        next,
-        &lines[1][..160.min(lines[1].len())]
+        "    tcp/json: {next} records delivered once each; sample as received:\n    {}",
+        lines[1]
     );
 }
 
@@ -255,6 +254,7 @@ fn tls_cef() {
     );
     assert!(flow_line.contains(" act=deny "), "{flow_line}");
     assert!(flow_line.contains(" dpt=443 "), "{flow_line}");
+    println!("    tls/cef sample as received:\n    {flow_line}");
 
     // A client without a certificate the server trusts is refused by rsyslog (x509/certvalid):
     // with a wrong CA the client refuses the server.
