@@ -4,6 +4,7 @@
 //! Invariants: an invalid commit is rejected whole and the last good one keeps being served;
 //! a host receives only its own tables (its identity is its certificate); every revision a
 //! host acknowledges is recorded with the time it began enforcing it.
+pub mod audit;
 pub mod compile;
 pub mod metrics;
 pub mod repo;
@@ -98,10 +99,15 @@ pub struct Controller {
     pub serving_tx: watch::Sender<u64>,
     inventory_changed: Notify,
     pub metrics: Metrics,
+    pub audit: Option<audit::Audit>,
 }
 
 impl Controller {
-    pub fn new(repo: Repo, compile: CompileFn) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        repo: Repo,
+        compile: CompileFn,
+        audit: Option<audit::Audit>,
+    ) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             repo,
             compile,
@@ -116,6 +122,7 @@ impl Controller {
             serving_tx: watch::channel(0).0,
             inventory_changed: Notify::new(),
             metrics: Metrics::new()?,
+            audit,
         }))
     }
 
@@ -158,11 +165,34 @@ impl Controller {
         st.seen_commit = head.clone();
         match result {
             Ok(hosts) => {
+                let rule_ids =
+                    |h: &BTreeMap<String, HostTablesRev>| -> std::collections::BTreeSet<String> {
+                        h.values()
+                            .flat_map(|t| t.tables.rules.iter().skip(1).cloned())
+                            .collect()
+                    };
+                let before = st
+                    .serving
+                    .as_ref()
+                    .map(|s| rule_ids(&s.hosts))
+                    .unwrap_or_default();
                 st.good = Some((revision.clone(), dir, detected));
                 st.last_compile_error.clear();
-                self.serve(&mut st, revision, hosts, inventory.1, detected);
+                self.serve(&mut st, revision.clone(), hosts, inventory.1, detected);
+                if let (Some(a), Some(s)) = (&self.audit, &st.serving) {
+                    let after = rule_ids(&s.hosts);
+                    a.revision(
+                        &revision,
+                        after.difference(&before).cloned().collect(),
+                        before.difference(&after).cloned().collect(),
+                        Ok(()),
+                    );
+                }
             }
             Err(errors) => {
+                if let Some(a) = &self.audit {
+                    a.revision(&revision, Vec::new(), Vec::new(), Err(errors.join("\n")));
+                }
                 self.metrics.rejected_commits.inc();
                 for e in &errors {
                     tracing::error!(commit = %head, error = %e, "commit rejected");

@@ -57,6 +57,9 @@ struct ServeArgs {
     /// Prometheus metrics listener.
     #[arg(long, default_value = "127.0.0.1:9465")]
     metrics: SocketAddr,
+    /// The audit trail (append-only, hash-chained, signed checkpoints, 184-day retention).
+    #[arg(long, default_value = "/var/lib/bulkhead/audit")]
+    audit_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -186,7 +189,11 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let repo = Repo::new(&a.repo, &a.rev);
     repo.head()
         .with_context(|| format!("policy repository {}", a.repo.display()))?;
-    let ctl = Controller::new(repo, compiler())?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "controller".into());
+    let audit = bulkhead_controller::audit::Audit::open(&a.audit_dir, &host)?;
+    let ctl = Controller::new(repo, compiler(), Some(audit))?;
     tokio::spawn(ctl.clone().follow_repo(Duration::from_millis(a.poll_ms)));
     tokio::spawn(ctl.clone().follow_inventory());
     tokio::spawn(metrics::serve(a.metrics, ctl.clone()));

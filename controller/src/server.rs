@@ -11,7 +11,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use bulkhead_audit::record::Event;
+use bulkhead_audit::roles::{principal_from_cert, Role};
+
 use crate::{unix_now, Controller};
+
+fn leaf_der<T>(req: &Request<T>) -> Option<Vec<u8>> {
+    req.peer_certs()?.first().map(|c| c.as_ref().to_vec())
+}
 
 fn peer_identity<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
     let certs = req
@@ -36,15 +43,38 @@ impl pb::enforcement_server::Enforcement for EnforcementService {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let host = match peer_identity(&req)? {
-            PeerIdentity::Host(h) => h,
-            PeerIdentity::Admin { user, .. } => {
-                return Err(Status::permission_denied(format!(
-                    "{user} holds an administrator certificate, not a host certificate"
-                )))
+        let ctl = self.0.clone();
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let subject = leaf_der(&req)
+            .map(|d| crate::audit::cert_identity(&d))
+            .unwrap_or_default();
+        let host = match peer_identity(&req) {
+            Ok(PeerIdentity::Host(h)) => h,
+            other => {
+                let error = match other {
+                    Ok(PeerIdentity::Admin { user, .. }) => {
+                        format!("{user} holds an administrator certificate, not a host certificate")
+                    }
+                    Err(s) => s.message().to_string(),
+                    Ok(PeerIdentity::Host(_)) => String::new(),
+                };
+                if let Some(a) = &ctl.audit {
+                    a.record(Event::AgentCertFailure {
+                        peer,
+                        cert_subject: subject.common_name.clone(),
+                        error: error.clone(),
+                    });
+                }
+                return Err(Status::permission_denied(error));
             }
         };
-        let ctl = self.0.clone();
+        if let Some(a) = &ctl.audit {
+            a.record(Event::AgentConnected {
+                host: host.clone(),
+                peer: peer.clone(),
+                cert_subject: subject.common_name.clone().unwrap_or_default(),
+            });
+        }
         let session = {
             let mut st = ctl.state();
             let h = st.hosts.entry(host.clone()).or_default();
@@ -56,7 +86,7 @@ impl pb::enforcement_server::Enforcement for EnforcementService {
         ctl.metrics.sessions.inc();
         tracing::info!(%host, session, "agent connected");
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(run_session(ctl, host, session, req.into_inner(), tx));
+        tokio::spawn(run_session(ctl, host, session, peer, req.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -66,6 +96,7 @@ async fn run_session(
     ctl: Arc<Controller>,
     host: String,
     session: u64,
+    peer: String,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: mpsc::Sender<Result<pb::ControllerMessage, Status>>,
 ) {
@@ -147,19 +178,31 @@ async fn run_session(
                     Some(pb::agent_message::Kind::Events(ev)) => {
                         ctl.metrics.flow_records.inc_by(ev.records.len() as u64);
                         ctl.metrics.events_suppressed.inc_by(ev.suppressed);
+                        if let Some(a) = &ctl.audit {
+                            a.flows(&host, &ev);
+                        }
                     }
                     None => {}
                 }
             }
         }
     }
-    let mut st = ctl.state();
-    if let Some(h) = st.hosts.get_mut(&host) {
-        // A newer session of the same host may already be up.
-        if h.session == session {
-            h.connected = false;
-            h.connected_since = unix_now();
+    {
+        let mut st = ctl.state();
+        if let Some(h) = st.hosts.get_mut(&host) {
+            // A newer session of the same host may already be up.
+            if h.session == session {
+                h.connected = false;
+                h.connected_since = unix_now();
+            }
         }
+    }
+    if let Some(a) = &ctl.audit {
+        a.record(Event::AgentDisconnected {
+            host: host.clone(),
+            peer,
+            reason: "stream ended".into(),
+        });
     }
     tracing::info!(%host, session, "agent disconnected");
 }
@@ -175,6 +218,30 @@ fn on_ack(ctl: &Controller, host: &str, ack: &pb::Ack, sent_at: &Option<(String,
     if ack.ok {
         if h.enforced_digest != ack.digest {
             h.enforced_since = unix_now();
+            if let Some(a) = &ctl.audit {
+                a.submit(vec![Event::PolicyEnforced {
+                    commit: commit.clone().unwrap_or_default(),
+                    host: host.to_string(),
+                    enforced_at: crate::audit::rfc3339(h.enforced_since),
+                    epoch: 0,
+                }]);
+            }
+        }
+        if ack.unbound != h.unbound {
+            if let Some(a) = &ctl.audit {
+                a.submit(
+                    ack.unbound
+                        .iter()
+                        .map(|e| Event::InterfaceUnenforced {
+                            vm: e.split('/').next().unwrap_or("").to_string(),
+                            host: host.to_string(),
+                            interface: e.clone(),
+                            reason: "the compiled tables name it, the host has no such interface"
+                                .into(),
+                        })
+                        .collect(),
+                );
+            }
         }
         h.enforced_digest = ack.digest.clone();
         if let Some(c) = commit {
@@ -202,11 +269,44 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
-        match peer_identity(&req)? {
-            PeerIdentity::Admin { .. } => Ok(Response::new(self.0.status())),
-            PeerIdentity::Host(h) => Err(Status::permission_denied(format!(
-                "host {h} may not use the admin API"
+        let ctl = &self.0;
+        let source = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let id = leaf_der(&req)
+            .map(|d| crate::audit::cert_identity(&d))
+            .unwrap_or_default();
+        // Status is operations data: system and security administrators read it; the audit
+        // administrator reads the audit trail and nothing else (MLPS 8.1.5).
+        let principal = principal_from_cert(&id);
+        let allowed = matches!(&principal, Ok(p) if p.role != Role::AuditAdmin);
+        if let Some(a) = &ctl.audit {
+            a.record(Event::AdminAction {
+                user: principal
+                    .as_ref()
+                    .map(|p| p.user.clone())
+                    .unwrap_or_else(|_| id.common_name.clone().unwrap_or_default()),
+                role: principal.as_ref().ok().map(|p| p.role),
+                source,
+                operation: "status_read".into(),
+                object: "controller".into(),
+                before: None,
+                after: None,
+                success: allowed,
+                reason: match &principal {
+                    Err(r) => Some(format!("refused: {r}")),
+                    Ok(p) if !allowed => {
+                        Some(format!("refused: role {} may not read status", p.role))
+                    }
+                    Ok(_) => None,
+                },
+            });
+        }
+        match principal {
+            Ok(_) if allowed => Ok(Response::new(ctl.status())),
+            Ok(p) => Err(Status::permission_denied(format!(
+                "role {} may not read controller status",
+                p.role
             ))),
+            Err(r) => Err(Status::permission_denied(r.to_string())),
         }
     }
 }

@@ -372,6 +372,21 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
     Ok(body)
 }
 
+/// Where a test controller keeps its audit trail.
+pub fn audit_dir(root: &Path) -> PathBuf {
+    root.join("audit")
+}
+
+/// Every audit record of a test controller, in order.
+pub fn audit_records(root: &Path) -> Result<Vec<bulkhead_audit::Record>> {
+    let mut out = Vec::new();
+    bulkhead_audit::export::for_each_record(&audit_dir(root), 0, |r, _| {
+        out.push(r.clone());
+        Ok(true)
+    })?;
+    Ok(out)
+}
+
 pub struct ControllerProc {
     pub proc: Proc,
     pub port: u16,
@@ -399,6 +414,8 @@ impl ControllerProc {
             pki_dir.display().to_string(),
             "--metrics".into(),
             format!("127.0.0.1:{metrics_port}"),
+            "--audit-dir".into(),
+            audit_dir(root).display().to_string(),
         ];
         let proc = Proc::spawn(
             "controller",

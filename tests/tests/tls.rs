@@ -126,6 +126,9 @@ fn certificates_decide_who_may_do_what() {
         as_host.expect_err("host on admin API").code(),
         tonic::Code::PermissionDenied
     );
+    // The audit administrator reads the audit trail and nothing else (MLPS 8.1.5).
+    let auditor = pki.admin("carol", "audit-admin").expect("auditor");
+    assert!(bulkhead_e2e::status_blocking(ctl.port, &pki.ca, &auditor).is_err());
     let status = bulkhead_e2e::status_blocking(ctl.port, &pki.ca, &admin).expect("admin status");
     assert_eq!(
         status.hosts.len(),

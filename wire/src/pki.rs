@@ -188,6 +188,37 @@ pub fn identity_of(der: &[u8]) -> Result<PeerIdentity, PkiError> {
     }
 }
 
+/// Names in a certificate, as the audit trail and the role model want them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CertNames {
+    pub common_name: Option<String>,
+    pub organizational_units: Vec<String>,
+    pub san_uris: Vec<String>,
+}
+
+pub fn cert_names(der: &[u8]) -> Result<CertNames, PkiError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let subject = cert.subject();
+    let text = |a: &x509_parser::x509::AttributeTypeAndValue| a.as_str().ok().map(str::to_string);
+    let mut names = CertNames {
+        common_name: subject.iter_common_name().next().and_then(text),
+        organizational_units: subject
+            .iter_organizational_unit()
+            .filter_map(text)
+            .collect(),
+        san_uris: Vec::new(),
+    };
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(u) = name {
+                names.san_uris.push(u.to_string());
+            }
+        }
+    }
+    Ok(names)
+}
+
 /// Write `name.crt` and `name.key` (mode 0600) into `dir`.
 pub fn write_pair(dir: &Path, name: &str, pem: &Pem) -> Result<(), PkiError> {
     use std::os::unix::fs::OpenOptionsExt;

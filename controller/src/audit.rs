@@ -1,0 +1,144 @@
+//! What the controller writes into the audit trail (MLPS 8.1.3.3 / 8.1.4.3): policy revisions
+//! and their compile results, when each host began enforcing, agent connections and identity
+//! failures, administrator actions (refusals included), flow verdicts and dropped-event counts
+//! from the agents.
+use std::path::Path;
+
+use bulkhead_audit::record::{CompileResult, Event, FlowRecord};
+use bulkhead_audit::recorder::Recorder;
+use bulkhead_audit::roles::CertIdentity;
+use bulkhead_audit::{Store, StoreConfig};
+use bulkhead_wire::pb;
+
+pub struct Audit {
+    recorder: Recorder,
+}
+
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn rfc3339_nanos(ns: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+pub fn cert_identity(der: &[u8]) -> CertIdentity {
+    let n = bulkhead_wire::pki::cert_names(der).unwrap_or_default();
+    CertIdentity {
+        common_name: n.common_name,
+        organizational_units: n.organizational_units,
+        san_uris: n.san_uris,
+    }
+}
+
+impl Audit {
+    pub fn open(dir: &Path, host: &str) -> anyhow::Result<Self> {
+        let (store, report) = Store::open(StoreConfig::new(dir, host))
+            .map_err(|e| anyhow::anyhow!("opening the audit store {}: {e}", dir.display()))?;
+        tracing::info!(dir = %dir.display(), ?report, "audit trail open");
+        Ok(Self {
+            recorder: Recorder::spawn(store, 4096, 1024),
+        })
+    }
+
+    /// Durable before return (administrator actions, revisions, enforcement).
+    pub fn record(&self, ev: Event) {
+        if let Err(e) = self.recorder.record(ev) {
+            tracing::error!(error = %e, "audit record not written");
+        }
+    }
+
+    /// Never blocks; overflow is counted and itself recorded.
+    pub fn submit(&self, evs: Vec<Event>) {
+        if let Err(e) = self.recorder.submit_batch(evs) {
+            tracing::error!(error = %e, "audit records not queued");
+        }
+    }
+
+    pub fn revision(
+        &self,
+        rev: &pb::Revision,
+        added: Vec<String>,
+        removed: Vec<String>,
+        result: Result<(), String>,
+    ) {
+        self.record(Event::PolicyRevision {
+            commit: rev.commit.clone(),
+            author: rev.author.clone(),
+            committer: rev.committer.clone(),
+            committed_at: rfc3339(rev.commit_time_unix),
+            rules_added: added,
+            rules_removed: removed,
+            rules_changed: Vec::new(),
+            compile: CompileResult {
+                ok: result.is_ok(),
+                message: result.err().unwrap_or_default(),
+            },
+        });
+    }
+
+    /// Flow records from an agent, with the count of events it could not deliver.
+    pub fn flows(&self, host: &str, ev: &pb::FlowEvents) {
+        let addr = |b: &[u8]| match b.len() {
+            4 => std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string(),
+            16 => {
+                let mut o = [0u8; 16];
+                o.copy_from_slice(b);
+                std::net::Ipv6Addr::from(o).to_string()
+            }
+            _ => String::new(),
+        };
+        let mut out: Vec<Event> = ev
+            .records
+            .iter()
+            .map(|r| {
+                Event::FlowVerdict(FlowRecord {
+                    verdict: bulkhead_audit::flow::verdict_name(r.kind as u8).into(),
+                    reason: bulkhead_audit::flow::reason_name(r.reason as u8).into(),
+                    direction: bulkhead_audit::flow::direction_name(r.direction as u8).into(),
+                    proto: r.proto as u8,
+                    src_ip: addr(&r.src),
+                    dst_ip: addr(&r.dst),
+                    src_port: r.sport as u16,
+                    dst_port: r.dport as u16,
+                    vm: r.vm.clone(),
+                    src_vm: None,
+                    dst_vm: None,
+                    ifindex: 0,
+                    host: host.to_string(),
+                    tier: None,
+                    policy: None,
+                    rule: 0,
+                    rule_name: (!r.rule.is_empty()).then(|| r.rule.clone()),
+                    epoch: 0,
+                    packets: r.packets,
+                    bytes: r.bytes,
+                    first_seen: rfc3339_nanos(r.first_seen_unix_nanos),
+                    last_seen: rfc3339_nanos(r.last_seen_unix_nanos),
+                    suppressed: 0,
+                })
+            })
+            .collect();
+        if ev.suppressed > 0 {
+            out.push(Event::EventsDropped {
+                source: format!("datapath on {host}"),
+                count: ev.suppressed,
+                reason: "per-endpoint rate limit or full ring buffer (counted in the kernel)"
+                    .into(),
+            });
+        }
+        self.submit(out);
+    }
+}
