@@ -1,86 +1,126 @@
-//! The reference evaluator: judges one flow straight from the language's meaning — the
-//! ordered rules of the VM, address membership tested directly, first match. Slow and
-//! obviously right; the compiler is tested against it.
+//! The reference evaluator: judges one flow straight from the language's meaning — walk the
+//! endpoint's ordered entries, test the peer address against each peer set's CIDRs and the
+//! protocol/port against each service, honour pass. Slow and obviously correct; the
+//! property tests hold the compiled tables to it.
 use std::net::IpAddr;
 
 use bulkhead_abi::*;
+use serde::Serialize;
 
-use crate::model::Action;
-use crate::resolve::{first_match, part_matches, FlatRule, Peer, Resolved};
+use crate::load::{svc_matches, EntryKind, RAction, Resolved};
 
-/// A flow as seen by one VM: `peer` is the other end (source for ingress, destination for
-/// egress); `port` the destination port or `type << 8 | code` for ICMP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Flow {
-    pub vm: usize,
-    pub direction: u8,
-    pub peer: IpAddr,
-    pub proto: u8,
-    pub port: u16,
+/// One rule looked at on the way to a decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Step {
+    pub rule: String,
+    /// `system`, `quarantine`, or the tier name.
+    pub tier: String,
+    pub policy: String,
+    pub action: String,
+    /// matched, no-peer-match, no-service-match, skipped-by-pass
+    pub outcome: String,
+    pub reflected: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Decision {
-    /// `ACTION_*`.
+    /// `ACTION_*`
     pub action: u8,
-    /// `VERDICT_LOG` when the deciding rule logs allows.
-    pub flags: u8,
-    /// The deciding rule; `None` = the default action.
-    pub rule: Option<FlatRule>,
-    /// Rules looked at on the way, and whether each matched.
-    pub considered: Vec<(FlatRule, bool)>,
+    pub log: bool,
+    /// Index into the rule table (0 = default).
+    pub rule_index: u32,
+    pub rule: String,
+    pub trace: Vec<Step>,
 }
 
-/// `ACTION_*` and flags for a deciding rule (or the default).
-pub fn verdict_of(default: Action, rule: Option<&FlatRule>) -> (u8, u8) {
-    let Some(r) = rule else {
-        return (action_code(default), 0);
-    };
-    match r.action {
-        Action::Allow => (ACTION_ALLOW, if r.log { VERDICT_LOG } else { 0 }),
-        Action::Deny | Action::Reject if r.monitor => (ACTION_MONITOR, 0),
-        a => (action_code(a), 0),
+impl Decision {
+    pub fn verdict(&self) -> Verdict {
+        Verdict::new(
+            self.action,
+            if self.log { VERDICT_LOG } else { 0 },
+            self.rule_index,
+        )
     }
 }
 
-fn action_code(a: Action) -> u8 {
+pub fn action_name(a: u8) -> &'static str {
     match a {
-        Action::Allow => ACTION_ALLOW,
-        Action::Reject => ACTION_REJECT,
-        Action::Deny | Action::Pass => ACTION_DENY,
+        ACTION_ALLOW => "allow",
+        ACTION_DENY => "deny",
+        ACTION_REJECT => "reject",
+        ACTION_MONITOR => "monitor (would deny)",
+        _ => "?",
     }
 }
 
-pub fn peer_contains(res: &Resolved, p: &Peer, addr: IpAddr) -> bool {
-    match res.peer_addrs(p) {
-        None => true,
-        Some(set) => set.contains(addr),
+/// Judge a new flow of `vm` in `dir` (from the VM's side) with `peer`, `proto`, `port`
+/// (destination port, or ICMP `type<<8|code`).
+pub fn evaluate(
+    res: &Resolved,
+    vm: usize,
+    dir: u8,
+    peer: IpAddr,
+    proto: u8,
+    port: u16,
+) -> Decision {
+    let ids = res.rule_ids();
+    let mut trace = Vec::new();
+    let mut skip: Option<usize> = None;
+    for e in res.entries(vm, dir) {
+        let (tier, policy, reflected) = match e.kind {
+            EntryKind::System(_) => ("system".to_string(), String::new(), false),
+            EntryKind::Quarantine(_) => ("quarantine".to_string(), String::new(), false),
+            EntryKind::Rule { rule, reflected } => (
+                res.tiers[e.tier.unwrap_or(0)].clone(),
+                res.rules[rule].policy.clone(),
+                reflected,
+            ),
+        };
+        let action = format!("{:?}", e.action).to_lowercase();
+        let mut step = Step {
+            rule: ids[e.rule_index as usize].clone(),
+            tier,
+            policy,
+            action,
+            outcome: String::new(),
+            reflected,
+        };
+        if skip.is_some() && e.tier == skip {
+            step.outcome = "skipped-by-pass".into();
+            trace.push(step);
+            continue;
+        }
+        if !res.entry_peer_contains(&e, &peer) {
+            step.outcome = "no-peer-match".into();
+            trace.push(step);
+            continue;
+        }
+        if !svc_matches(res.entry_svc(&e), proto, port) {
+            step.outcome = "no-service-match".into();
+            trace.push(step);
+            continue;
+        }
+        step.outcome = "matched".into();
+        trace.push(step);
+        if e.action == RAction::Pass {
+            skip = e.tier;
+            continue;
+        }
+        let v = crate::compile::verdict_of(&e);
+        return Decision {
+            action: v.action,
+            log: e.log,
+            rule_index: e.rule_index,
+            rule: ids[e.rule_index as usize].clone(),
+            trace,
+        };
     }
-}
-
-/// Judge `flow` from the policy's meaning.
-pub fn evaluate(res: &Resolved, flow: &Flow) -> Decision {
-    let rules = res.rules_for(flow.vm, flow.direction);
-    let mut considered = Vec::new();
-    let decided = first_match(
-        &rules,
-        |r| {
-            r.peers.iter().any(|p| peer_contains(res, p, flow.peer))
-                && r.services
-                    .iter()
-                    .any(|s| part_matches(s, flow.proto, flow.port))
-        },
-        Some(&mut considered),
-    )
-    .cloned();
-    let (action, flags) = verdict_of(res.set.settings.default_action, decided.as_ref());
+    let v = crate::compile::default_verdict(res);
     Decision {
-        action,
-        flags,
-        rule: decided,
-        considered: considered
-            .into_iter()
-            .map(|(r, m)| (r.clone(), m))
-            .collect(),
+        action: v.action,
+        log: false,
+        rule_index: 0,
+        rule: "default".into(),
+        trace,
     }
 }

@@ -1,20 +1,27 @@
-//! Bulkhead's policy language: the YAML types ([`model`]), loading and validation with
-//! locations ([`load`]), its meaning for an inventory ([`resolve`]), the reference evaluator
-//! ([`eval`]) and the compiler to the datapath's tables ([`compile`]).
+//! Bulkhead policy as code: the YAML language ([`types`]), its loader and validator
+//! ([`load`]), the compiler to the datapath tables ([`compile`]), a reference evaluator
+//! ([`eval`]), the linter ([`lint`]) and plan/diff ([`plan`]).
 pub mod compile;
 pub mod eval;
+pub mod incremental;
+pub mod lint;
 pub mod load;
-pub mod model;
-pub mod resolve;
+pub mod net;
+pub mod plan;
+pub mod types;
 
-use std::collections::BTreeMap;
+pub use bulkhead_abi::port_kind;
+pub use compile::{compile, compile_host, Compiled, HostOutput};
+pub use eval::{evaluate, Decision};
+pub use load::{load_dir, load_sources, Diagnostic, LoadError, Resolved, Source};
+pub use types::{Interface, Inventory, PolicyFile, Vm};
 
-use bulkhead_abi::model::HostTables;
+/// JSON Schema of a policy file, generated from the types.
+pub fn policy_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(types::PolicyFile)).unwrap_or_default()
+}
 
-pub use load::{load_dir, load_sources, Diagnostic, PolicySet};
-pub use model::{Inventory, VmRecord};
-
-/// Compile a validated policy set for an inventory: tables per host.
-pub fn compile(set: &PolicySet, inventory: &Inventory) -> BTreeMap<String, HostTables> {
-    compile::compile_all(&resolve::Resolved::new(set, inventory))
+/// JSON Schema of the inventory file.
+pub fn inventory_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(types::Inventory)).unwrap_or_default()
 }

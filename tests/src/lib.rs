@@ -477,12 +477,12 @@ pub const CLUSTER_VMS: [(&str, usize, u8, Labels); 5] = [
         &[("app", "emr"), ("role", "app"), ("env", "prod")],
     ),
     (
-        "pacs",
+        "pacs-1",
         0,
         31,
         &[("app", "pacs"), ("role", "app"), ("env", "prod")],
     ),
-    ("jump", 0, 61, &[("app", "jump"), ("env", "prod")]),
+    ("jump-1", 0, 61, &[("role", "jump"), ("env", "prod")]),
     (
         "emr-db",
         1,

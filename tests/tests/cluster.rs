@@ -17,9 +17,11 @@ fn cluster(test: &str) -> Option<Cluster> {
 /// The policy file without the jump host's SSH/RDP access.
 fn security_without_jump_ssh(c: &Cluster) -> String {
     let text = std::fs::read_to_string(c.repo.dir.join(SECURITY)).expect("read");
-    let start = text.find("      - id: jump-ssh").expect("jump-ssh rule");
+    let start = text
+        .find("      - id: sec-ssh-from-jump")
+        .expect("sec-ssh-from-jump rule");
     let end = text[start..]
-        .find("      - id: backup-pull")
+        .find("      - id: sec-ssh-from-elsewhere")
         .expect("next rule")
         + start;
     format!("{}{}", &text[..start], &text[end..])
@@ -32,9 +34,9 @@ fn commits_are_enforced_everywhere_and_an_invalid_commit_changes_nothing() {
     };
     // Revision 1, across hosts: emr-app (hv1) → emr-db (hv2) on 5432 only.
     assert!(c.reach("emr-app", "emr-db", 5432), "{}", c.logs());
-    assert!(!c.reach("pacs", "emr-db", 5432));
+    assert!(!c.reach("pacs-1", "emr-db", 5432));
     assert!(!c.reach("emr-app", "emr-db", 22));
-    assert!(c.reach("jump", "emr-db", 22), "jump host SSH");
+    assert!(c.reach("jump-1", "emr-db", 22), "jump host SSH");
     assert!(!c.reach("his-app", "emr-app", 443));
 
     // Revision 2 revokes the jump host's SSH.
@@ -50,7 +52,7 @@ fn commits_are_enforced_everywhere_and_an_invalid_commit_changes_nothing() {
         .wait_enforced(&commit, Duration::from_secs(10))
         .expect("enforced");
     eprintln!("commit-to-enforced on all hosts: {took:?}");
-    assert!(!c.reach("jump", "emr-db", 22), "revoked");
+    assert!(!c.reach("jump-1", "emr-db", 22), "revoked");
     assert!(c.reach("emr-app", "emr-db", 5432), "the rest unchanged");
 
     // An invalid commit: rejected whole, reported, the previous revision still enforced.
@@ -58,7 +60,7 @@ fn commits_are_enforced_everywhere_and_an_invalid_commit_changes_nothing() {
         .repo
         .commit_file(
             "policies/50-broken.yaml",
-            "policies:\n  - name: broken\n    tier: application\n    priority: 999\n    applies_to: [no-such-group]\n",
+            "policies:\n  - name: broken\n    tier: application\n    priority: 999\n    applies_to: [{group: no-such-group}]\n",
             "Broken policy",
         )
         .expect("commit");
@@ -90,7 +92,7 @@ fn commits_are_enforced_everywhere_and_an_invalid_commit_changes_nothing() {
     );
     assert!(s.hosts.iter().all(|h| h.enforced_commit == commit));
     assert!(c.reach("emr-app", "emr-db", 5432));
-    assert!(!c.reach("jump", "emr-db", 22));
+    assert!(!c.reach("jump-1", "emr-db", 22));
 }
 
 #[test]
@@ -102,7 +104,7 @@ fn agents_keep_enforcing_without_the_controller_and_resync_when_it_returns() {
     let port = ctl.port;
     drop(ctl); // SIGKILL
     assert!(c.reach("emr-app", "emr-db", 5432), "still allowed");
-    assert!(!c.reach("pacs", "emr-db", 5432), "still denied");
+    assert!(!c.reach("pacs-1", "emr-db", 5432), "still denied");
     let commit = c
         .repo
         .commit_file(
@@ -112,7 +114,7 @@ fn agents_keep_enforcing_without_the_controller_and_resync_when_it_returns() {
         )
         .expect("commit");
     assert!(
-        c.reach("jump", "emr-db", 22),
+        c.reach("jump-1", "emr-db", 22),
         "old policy while the controller is away"
     );
     // Back on the same address: the agents reconnect (backoff with jitter) and resync.
@@ -122,7 +124,7 @@ fn agents_keep_enforcing_without_the_controller_and_resync_when_it_returns() {
     c.controller = Some(ctl);
     c.wait_enforced(&commit, Duration::from_secs(40))
         .expect("resync");
-    assert!(!c.reach("jump", "emr-db", 22));
+    assert!(!c.reach("jump-1", "emr-db", 22));
 }
 
 #[test]
@@ -143,7 +145,7 @@ fn agent_kill9_leaves_no_gap_and_keeps_long_lived_connections() {
         bulkhead_testbed::echo_roundtrip(&mut conn, t),
         "survives kill -9"
     );
-    assert!(!c.reach("pacs", "emr-db", 5432), "no gap: still denied");
+    assert!(!c.reach("pacs-1", "emr-db", 5432), "no gap: still denied");
     c.start_agent(1).expect("restart agent");
     let head = c.repo.head().expect("head");
     c.wait_enforced(&head, Duration::from_secs(20))
@@ -152,7 +154,7 @@ fn agent_kill9_leaves_no_gap_and_keeps_long_lived_connections() {
         bulkhead_testbed::echo_roundtrip(&mut conn, t),
         "survives the restart"
     );
-    assert!(!c.reach("pacs", "emr-db", 5432));
+    assert!(!c.reach("pacs-1", "emr-db", 5432));
 }
 
 #[test]
@@ -191,6 +193,6 @@ fn a_vm_moved_to_another_host_keeps_its_verdicts() {
             .reach("emr-app", "emr-db", 5432)),
         "allowed after the move"
     );
-    assert!(!c.reach("pacs", "emr-db", 5432), "denied after the move");
+    assert!(!c.reach("pacs-1", "emr-db", 5432), "denied after the move");
     assert!(!c.reach("emr-app", "emr-db", 22), "denied after the move");
 }

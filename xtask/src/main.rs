@@ -68,9 +68,11 @@ fn demo() -> Result<()> {
     );
     let path = "policies/30-security.yaml";
     let text = std::fs::read_to_string(c.repo.dir.join(path))?;
-    let start = text.find("      - id: jump-ssh").context("jump-ssh rule")?;
+    let start = text
+        .find("      - id: sec-ssh-from-jump")
+        .context("sec-ssh-from-jump rule")?;
     let end = text[start..]
-        .find("      - id: backup-pull")
+        .find("      - id: sec-ssh-from-elsewhere")
         .context("next rule")?
         + start;
     let changed = format!("{}{}", &text[..start], &text[end..]);
@@ -95,7 +97,7 @@ fn demo() -> Result<()> {
     step("An invalid commit is rejected whole; the hosts keep the last good revision");
     let bad = c.repo.commit_file(
         "policies/50-typo.yaml",
-        "policies:\n  - name: typo\n    tier: application\n    priority: 900\n    applies_to: [emr-dbb]\n",
+        "policies:\n  - name: typo\n    tier: application\n    priority: 900\n    applies_to: [{group: emr-dbb}]\n",
         "Typo in a group name",
     )?;
     let deadline = Instant::now() + Duration::from_secs(10);
