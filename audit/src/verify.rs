@@ -100,7 +100,13 @@ struct SegResult {
     purges: Vec<(u64, u64, String)>,
 }
 
-fn scan_segment(seg: &SegmentFile, is_last: bool, ckpt_seqs: &[u64]) -> SegResult {
+fn scan_segment(
+    seg: &SegmentFile,
+    is_last: bool,
+    ckpt_seqs: &[u64],
+    data: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+) -> SegResult {
     let name = seg.name();
     let mut r = SegResult {
         header: None,
@@ -111,8 +117,8 @@ fn scan_segment(seg: &SegmentFile, is_last: bool, ckpt_seqs: &[u64]) -> SegResul
         found: Vec::new(),
         purges: Vec::new(),
     };
-    let data = match seg.read_all() {
-        Ok(d) => d,
+    match seg.read_into(data, scratch) {
+        Ok(()) => {}
         Err(e) => {
             r.problems.push(Problem {
                 kind: ProblemKind::Unreadable,
@@ -325,8 +331,18 @@ pub fn verify(dir: &Path, pubkey: Option<VerifyingKey>) -> Result<VerifyReport> 
                 let segs = &segs;
                 let ckpt_seqs = &ckpt_seqs;
                 s.spawn(move || {
+                    let (mut data, mut scratch) = (Vec::new(), Vec::new());
                     idx.into_iter()
-                        .map(|i| (i, scan_segment(&segs[i], i + 1 == n, ckpt_seqs)))
+                        .map(|i| {
+                            let r = scan_segment(
+                                &segs[i],
+                                i + 1 == n,
+                                ckpt_seqs,
+                                &mut data,
+                                &mut scratch,
+                            );
+                            (i, r)
+                        })
                         .collect::<Vec<_>>()
                 })
             })
