@@ -36,6 +36,9 @@ pub enum ProblemKind {
     BadSignature,
     /// An incomplete last line (torn write; repaired at next open).
     TornTail,
+    /// A closed segment's last record has no signed checkpoint (every rotation signs one):
+    /// checkpoints were removed.
+    CheckpointMissing,
     Unreadable,
 }
 
@@ -484,6 +487,25 @@ pub fn verify(dir: &Path, pubkey: Option<VerifyingKey>) -> Result<VerifyReport> 
             seq: None,
             detail: "no segments, but signed checkpoints exist".into(),
         });
+    }
+
+    // Every rotation signs a checkpoint at the end of the closed segment.
+    for w in segs.windows(2) {
+        let end = w[1].first_seq;
+        if end == 0 || report.purged_through.is_some_and(|p| end - 1 <= p) {
+            continue;
+        }
+        if ckpt_seqs.binary_search(&(end - 1)).is_err() {
+            report.problems.push(Problem {
+                kind: ProblemKind::CheckpointMissing,
+                segment: w[0].name(),
+                line: None,
+                seq: Some(end - 1),
+                detail:
+                    "no signed checkpoint for the end of this closed segment (checkpoints removed?)"
+                        .into(),
+            });
+        }
     }
 
     // Checkpoints.
