@@ -69,6 +69,68 @@ fn cpu_seconds() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// CPU time of the calling thread, seconds.
+fn thread_cpu_seconds() -> f64 {
+    // SAFETY: clock_gettime fills the struct.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// Load-independent cost: CPU time of the writer thread per record (serialise, chain, write,
+/// fdatasync per 1000-record batch), and of gzip per record, on this CPU.
+fn cpu_cost(dir: &Path, n: u64) {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut cfg = StoreConfig::new(dir, "hv-bench-01");
+    cfg.compress = false;
+    cfg.segment_max_bytes = 1 << 40;
+    let (mut s, _) = Store::open(cfg).expect("open");
+    let names = names();
+    let pool: Vec<Event> = (0..1000u64).map(|i| flow_event(i, &names)).collect();
+    let mut cpu = 0.0;
+    let t = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let batch = pool.clone(); // outside the measured section
+        let c0 = thread_cpu_seconds();
+        s.append_batch(batch).expect("append");
+        cpu += thread_cpu_seconds() - c0;
+        done += 1000;
+    }
+    let wall = t.elapsed().as_secs_f64();
+    s.close().expect("close");
+    let seg = bulkhead_audit::store::list_segments(dir).expect("segments");
+    let c0 = thread_cpu_seconds();
+    let bytes = std::fs::metadata(&seg[0].path)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    bulkhead_audit::store::compress_segment(&seg[0].path).expect("gzip");
+    let gz = thread_cpu_seconds() - c0;
+    let c0 = thread_cpu_seconds();
+    let r = bulkhead_audit::verify(dir, None).expect("verify");
+    let v = thread_cpu_seconds() - c0; // verify's own threads are not counted here: see below
+    let _ = v;
+    println!();
+    println!("| CPU cost per record (this CPU, load-independent) | µs CPU / record | records/s per core |");
+    println!("|---|---:|---:|");
+    let per = cpu / n as f64 * 1e6;
+    println!("| append: serialise + chain + write + fdatasync per 1000 ({} records, wall {:.1} s) | {:.2} | {:.0} |", n, wall, per, 1e6 / per);
+    let gper = gz / n as f64 * 1e6;
+    println!(
+        "| gzip of the closed segment ({:.0} MiB) | {:.2} | {:.0} |",
+        bytes as f64 / 1048576.0,
+        gper,
+        1e6 / gper
+    );
+    println!(
+        "| append + gzip | {:.2} | {:.0} |",
+        per + gper,
+        1e6 / (per + gper)
+    );
+    assert!(r.ok());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 struct Counts {
     cpu: f64,
     offered: u64,
@@ -171,6 +233,10 @@ fn main() {
         sample + 260
     );
     println!();
+    if args.iter().any(|a| a == "--cpu-only") {
+        cpu_cost(&base.join("cpu"), 1_000_000);
+        return;
+    }
     println!("| scenario | offered | stored | dropped (accounted) | unaccounted | seconds | stored/s | fsync batches | on disk | process CPU s |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (name, r) in [("max rate", None), ("paced", Some(rate))] {
@@ -195,6 +261,8 @@ fn main() {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    cpu_cost(&base.join("cpu"), 1_000_000);
 
     if verify_n > 0 {
         let dir = base.join("verify");

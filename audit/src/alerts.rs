@@ -55,6 +55,7 @@ struct SpoofState {
 /// Stateful detector; feed it every datapath event in timestamp order.
 pub struct AlertDetector {
     cfg: AlertConfig,
+    /// Keyed by (0, source address): per host, across interfaces.
     scans: HashMap<(u32, IpAddr), ScanState>,
     spoofs: HashMap<(u32, u8, IpAddr), SpoofState>,
 }
@@ -127,8 +128,10 @@ impl AlertDetector {
         let dst = event_ip(&e.dst, e.family);
         let window = ns(self.cfg.scan_window);
         let cooldown = ns(self.cfg.cooldown);
-        // Key by (interface, source): the scanning VM's own interface sees its egress denies.
-        let st = self.scans.entry((e.ifindex, src)).or_default();
+        // Key by source address across all interfaces of the host: an external or remote
+        // scanner shows up as ingress denies on many local VMs' interfaces, a local scanner
+        // as egress denies on its own.
+        let st = self.scans.entry((0, src)).or_default();
         if st.targets.is_empty() || e.timestamp_ns >= st.window_start.saturating_add(window) {
             st.window_start = e.timestamp_ns;
             st.targets.clear();
@@ -173,9 +176,12 @@ impl AlertDetector {
         Some(Event::Alert(AlertRecord {
             attack: "scan".into(),
             source_ip: src.to_string(),
-            source_vm: names
-                .vm_of_ifindex(e.ifindex)
-                .or_else(|| names.vm_of_ip(&src)),
+            source_vm: if e.direction == abi::DIR_EGRESS {
+                names.vm_of_ifindex(e.ifindex)
+            } else {
+                None
+            }
+            .or_else(|| names.vm_of_ip(&src)),
             target,
             host: names.host().to_string(),
             first_seen: format_ts(names.wall_time(st.first)),
@@ -260,6 +266,29 @@ mod tests {
                 .observe(&ev(t, abi::EVENT_DENY, [10, 0, 2, p as u8], 22, 60), &n)
                 .is_empty());
         }
+    }
+
+    #[test]
+    fn external_sweep_across_local_vms_alerts() {
+        let n = names();
+        let mut d = AlertDetector::new(AlertConfig::default());
+        let mut alerts = Vec::new();
+        for i in 0..20u32 {
+            let mut e = ev(1000 + u64::from(i), abi::EVENT_DENY, [10, 0, 0, 9], 22, 60);
+            e.direction = abi::DIR_INGRESS;
+            e.ifindex = 100 + i;
+            e.src = abi::v4_mapped([203, 0, 113, 5]);
+            e.dst = abi::v4_mapped([10, 0, 3, i as u8]);
+            alerts.extend(d.observe(&e, &n));
+        }
+        assert_eq!(alerts.len(), 1);
+        let Event::Alert(a) = &alerts[0] else {
+            panic!()
+        };
+        assert_eq!(a.source_ip, "203.0.113.5");
+        assert_eq!(a.source_vm, None);
+        assert_eq!(a.target, "20 hosts / 1 ports");
+        assert!(a.detail.starts_with("host sweep"));
     }
 
     #[test]

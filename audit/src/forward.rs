@@ -357,12 +357,16 @@ pub struct ForwardStatus {
     pub last_error: Option<String>,
     pub reconnects: u64,
     pub resent: u64,
+    /// Records removed by retention before they could be forwarded (never silently).
+    pub skipped_purged: u64,
 }
 
 /// Reads records from the store incrementally.
 struct Tail {
     dir: PathBuf,
     next_seq: u64,
+    /// Records purged by retention before they were forwarded.
+    skipped: u64,
     /// Current segment: first seq, file (for a .log) or decompressed data, read position.
     cur: Option<(u64, Option<File>, Vec<u8>, usize)>,
 }
@@ -372,6 +376,7 @@ impl Tail {
         Tail {
             dir: dir.to_path_buf(),
             next_seq,
+            skipped: 0,
             cur: None,
         }
     }
@@ -383,8 +388,18 @@ impl Tail {
 
     fn open_for(&mut self, seq: u64) -> Result<bool> {
         let segs = list_segments(&self.dir)?;
-        let Some(i) = segs.iter().rposition(|s| s.first_seq <= seq) else {
-            return Ok(false);
+        let i = match segs.iter().rposition(|s| s.first_seq <= seq) {
+            Some(i) => i,
+            None => match segs.first() {
+                // The cursor points before the oldest retained segment: those records were
+                // purged by retention before they could be forwarded. Skip them, counted.
+                Some(first) if first.first_seq > seq => {
+                    self.skipped += first.first_seq - seq;
+                    self.next_seq = first.first_seq;
+                    0
+                }
+                _ => return Ok(false),
+            },
         };
         let s = &segs[i];
         if s.compressed {
@@ -636,6 +651,7 @@ impl Forwarder {
                 .map_err(|e| Error::Forward(format!("send: {e}")))?;
             sent += recs.len() as u64;
             self.status.sent = self.tail.next_seq;
+            self.status.skipped_purged = self.tail.skipped;
             self.unconfirmed.push((self.tail.next_seq, Instant::now()));
         }
         Ok(sent)

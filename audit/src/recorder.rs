@@ -22,6 +22,7 @@ type Reply = mpsc::Sender<std::result::Result<std::ops::Range<u64>, String>>;
 enum Msg {
     Events(Vec<Event>, Option<Reply>),
     Checkpoint(Reply),
+    Retention(mpsc::Sender<std::result::Result<Vec<String>, String>>),
     Stop,
 }
 
@@ -118,6 +119,18 @@ impl Recorder {
             .map_err(Error::Forward)
     }
 
+    /// Run the retention job in the writer (removes segments older than the retention period,
+    /// each removal recorded first). Returns the purged segment names.
+    pub fn enforce_retention(&self) -> Result<Vec<String>> {
+        let (rtx, rrx) = mpsc::channel();
+        self.tx
+            .send(Msg::Retention(rtx))
+            .map_err(|_| Error::Stopped)?;
+        rrx.recv()
+            .map_err(|_| Error::Stopped)?
+            .map_err(Error::Forward)
+    }
+
     /// Drain the queue, record the stop, checkpoint and join the writer.
     pub fn shutdown(mut self) -> Result<()> {
         let _ = self.tx.send(Msg::Stop);
@@ -155,6 +168,7 @@ fn writer(
         let mut unacked = 0u64;
         let mut stop = false;
         let mut ckpt: Vec<Reply> = Vec::new();
+        let mut retention = Vec::new();
         let mut msg = Some(first);
         while let Some(m) = msg.take() {
             match m {
@@ -169,6 +183,7 @@ fn writer(
                     }
                 }
                 Msg::Checkpoint(r) => ckpt.push(r),
+                Msg::Retention(r) => retention.push(r),
                 Msg::Stop => {
                     stop = true;
                     break;
@@ -212,6 +227,9 @@ fn writer(
                     let _ = r.send(Err(e.to_string()));
                 }
             }
+        }
+        for r in retention {
+            let _ = r.send(store.enforce_retention().map_err(|e| e.to_string()));
         }
         for r in ckpt {
             let res = store.checkpoint().map(|_| 0..0).map_err(|e| e.to_string());

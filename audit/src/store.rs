@@ -264,13 +264,23 @@ impl SegmentFile {
 
     /// Whole decompressed contents.
     pub fn read_all(&self) -> Result<Vec<u8>> {
-        let mut f = File::open(&self.path).ctx(&self.path)?;
         let mut out = Vec::new();
-        f.read_to_end(&mut out).ctx(&self.path)?;
-        if self.compressed {
-            out = gunzip(&out).ctx(&self.path)?;
-        }
+        self.read_into(&mut out, &mut Vec::new())?;
         Ok(out)
+    }
+
+    /// Whole decompressed contents into `out`, reusing `out` and `scratch` allocations.
+    pub fn read_into(&self, out: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<()> {
+        let mut f = File::open(&self.path).ctx(&self.path)?;
+        out.clear();
+        if self.compressed {
+            scratch.clear();
+            f.read_to_end(scratch).ctx(&self.path)?;
+            gunzip_into(scratch, out).ctx(&self.path)?;
+        } else {
+            f.read_to_end(out).ctx(&self.path)?;
+        }
+        Ok(())
     }
 }
 
@@ -999,6 +1009,13 @@ pub fn gzip(src: &mut impl Read, dst: File) -> std::io::Result<File> {
 
 /// Decompress a single-member gzip file, checking its CRC-32 and length.
 pub fn gunzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    gunzip_into(data, &mut out)?;
+    Ok(out)
+}
+
+/// [`gunzip`] into a cleared, reusable buffer.
+pub fn gunzip_into(data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
     if data.len() < 18 || data[0] != 0x1f || data[1] != 0x8b || data[2] != 8 {
         return Err(bad("not a gzip file"));
@@ -1027,10 +1044,11 @@ pub fn gunzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
     let t = data.len() - 8;
     let crc = u32::from_le_bytes([data[t], data[t + 1], data[t + 2], data[t + 3]]);
     let isize = u32::from_le_bytes([data[t + 4], data[t + 5], data[t + 6], data[t + 7]]);
-    let mut out = Vec::with_capacity(isize as usize);
-    flate2::read::DeflateDecoder::new(&data[pos..t]).read_to_end(&mut out)?;
-    if crc32fast::hash(&out) != crc || out.len() as u32 != isize {
+    out.clear();
+    out.reserve(isize as usize);
+    flate2::read::DeflateDecoder::new(&data[pos..t]).read_to_end(out)?;
+    if crc32fast::hash(out) != crc || out.len() as u32 != isize {
         return Err(bad("gzip CRC/length mismatch"));
     }
-    Ok(out)
+    Ok(())
 }

@@ -36,6 +36,9 @@ pub enum ProblemKind {
     BadSignature,
     /// An incomplete last line (torn write; repaired at next open).
     TornTail,
+    /// A closed segment's last record has no signed checkpoint (every rotation signs one):
+    /// checkpoints were removed.
+    CheckpointMissing,
     Unreadable,
 }
 
@@ -100,7 +103,13 @@ struct SegResult {
     purges: Vec<(u64, u64, String)>,
 }
 
-fn scan_segment(seg: &SegmentFile, is_last: bool, ckpt_seqs: &[u64]) -> SegResult {
+fn scan_segment(
+    seg: &SegmentFile,
+    is_last: bool,
+    ckpt_seqs: &[u64],
+    data: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+) -> SegResult {
     let name = seg.name();
     let mut r = SegResult {
         header: None,
@@ -111,8 +120,8 @@ fn scan_segment(seg: &SegmentFile, is_last: bool, ckpt_seqs: &[u64]) -> SegResul
         found: Vec::new(),
         purges: Vec::new(),
     };
-    let data = match seg.read_all() {
-        Ok(d) => d,
+    match seg.read_into(data, scratch) {
+        Ok(()) => {}
         Err(e) => {
             r.problems.push(Problem {
                 kind: ProblemKind::Unreadable,
@@ -325,8 +334,18 @@ pub fn verify(dir: &Path, pubkey: Option<VerifyingKey>) -> Result<VerifyReport> 
                 let segs = &segs;
                 let ckpt_seqs = &ckpt_seqs;
                 s.spawn(move || {
+                    let (mut data, mut scratch) = (Vec::new(), Vec::new());
                     idx.into_iter()
-                        .map(|i| (i, scan_segment(&segs[i], i + 1 == n, ckpt_seqs)))
+                        .map(|i| {
+                            let r = scan_segment(
+                                &segs[i],
+                                i + 1 == n,
+                                ckpt_seqs,
+                                &mut data,
+                                &mut scratch,
+                            );
+                            (i, r)
+                        })
                         .collect::<Vec<_>>()
                 })
             })
@@ -468,6 +487,25 @@ pub fn verify(dir: &Path, pubkey: Option<VerifyingKey>) -> Result<VerifyReport> 
             seq: None,
             detail: "no segments, but signed checkpoints exist".into(),
         });
+    }
+
+    // Every rotation signs a checkpoint at the end of the closed segment.
+    for w in segs.windows(2) {
+        let end = w[1].first_seq;
+        if end == 0 || report.purged_through.is_some_and(|p| end - 1 <= p) {
+            continue;
+        }
+        if ckpt_seqs.binary_search(&(end - 1)).is_err() {
+            report.problems.push(Problem {
+                kind: ProblemKind::CheckpointMissing,
+                segment: w[0].name(),
+                line: None,
+                seq: Some(end - 1),
+                detail:
+                    "no signed checkpoint for the end of this closed segment (checkpoints removed?)"
+                        .into(),
+            });
+        }
     }
 
     // Checkpoints.

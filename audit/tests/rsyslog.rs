@@ -388,6 +388,7 @@ fn main() {
         ("outage_tls", || outage(true)),
     ];
     println!("\nrunning {} rsyslog tests", tests.len());
+    let (mut passed, mut skipped) = (0, 0);
     for (name, t) in tests {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;
@@ -398,9 +399,16 @@ fn main() {
                 eprintln!("BULKHEAD_REQUIRE_RSYSLOG=1 but the test was skipped");
                 std::process::exit(1);
             }
+            skipped += 1;
             continue;
         }
         t();
         println!("test {name} ... ok");
+        passed += 1;
+    }
+    if skipped > 0 {
+        println!("\ntest result: SKIPPED. {passed} passed; {skipped} skipped — not verified on this machine\n");
+    } else {
+        println!("\ntest result: ok. {passed} passed; 0 skipped\n");
     }
 }

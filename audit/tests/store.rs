@@ -300,3 +300,23 @@ fn one_writer_per_store() {
     let (s, _) = Store::open(cfg(d.path())).unwrap();
     s.close().unwrap();
 }
+
+#[test]
+fn detects_removed_checkpoints() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path());
+    c.segment_max_bytes = 4096;
+    let (mut s, _) = Store::open(c).unwrap();
+    for i in 0..40 {
+        s.append(admin(i)).unwrap();
+    }
+    s.close().unwrap();
+    assert!(verify(d.path(), None).unwrap().ok());
+    std::fs::write(checkpoints_path(d.path()), b"").unwrap();
+    let k = kinds(d.path());
+    assert!(!k.is_empty());
+    assert!(
+        k.iter().all(|x| x.0 == ProblemKind::CheckpointMissing),
+        "{k:?}"
+    );
+}
