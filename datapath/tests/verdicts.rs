@@ -421,10 +421,10 @@ impl Env {
     fn run(&self, hook: Hook, frame: &[u8]) -> i32 {
         self.dp.test_run(hook, frame, IFINDEX, 0, 1).unwrap().action
     }
-    fn to_vm(&self, frame: &[u8]) -> i32 {
+    fn vm_receives(&self, frame: &[u8]) -> i32 {
         self.run(Hook::ToVm, frame)
     }
-    fn from_vm(&self, frame: &[u8]) -> i32 {
+    fn vm_sends(&self, frame: &[u8]) -> i32 {
         self.run(Hook::FromVm, frame)
     }
     fn stat(&self, i: u32) -> u64 {
@@ -513,7 +513,8 @@ fn identity_prefix_and_policy_levels_v4_v6() {
     let trusted6 = |l| a6([0x2001, 0xdb8, 0xc, 0], l);
     let world6 = |l| a6([0x2001, 0xdb8, 0xff, 0], l);
     // (what, peer, proto, port, frame, expected)
-    let mut cases: Vec<(&str, IpAddr, u8, u16, Vec<u8>, i32)> = Vec::new();
+    type Case = (&'static str, IpAddr, u8, u16, Vec<u8>, i32);
+    let mut cases: Vec<Case> = Vec::new();
     let mut c4 = |what, src: [u8; 4], proto, dport: u16, l4: Vec<u8>, want| {
         cases.push((what, src.into(), proto, dport, in4(src, proto, l4), want))
     };
@@ -693,7 +694,7 @@ fn identity_prefix_and_policy_levels_v4_v6() {
         TC_ACT_SHOT,
     );
     for (what, peer, proto, dport, frame, want) in &cases {
-        let got = e.to_vm(frame);
+        let got = e.vm_receives(frame);
         assert_eq!(
             verdict_name(got),
             verdict_name(*want),
@@ -711,11 +712,14 @@ fn identity_prefix_and_policy_levels_v4_v6() {
         assert_eq!(model.action == ACTION_ALLOW, *want == PASS, "model: {what}");
     }
     // Egress: HTTPS anywhere but the rejected identity, DNS, echo; nothing else.
-    assert_eq!(e.from_vm(&out4([203, 0, 113, 5], 6, syn(443))), PASS);
-    assert_eq!(e.from_vm(&out4([203, 0, 113, 5], 6, syn(80))), TC_ACT_SHOT);
-    assert_eq!(e.from_vm(&out6(world6(3), 17, udp(port(), 53, b"q"))), PASS);
+    assert_eq!(e.vm_sends(&out4([203, 0, 113, 5], 6, syn(443))), PASS);
+    assert_eq!(e.vm_sends(&out4([203, 0, 113, 5], 6, syn(80))), TC_ACT_SHOT);
     assert_eq!(
-        e.from_vm(&out6(world6(3), 17, udp(port(), 54, b"q"))),
+        e.vm_sends(&out6(world6(3), 17, udp(port(), 53, b"q"))),
+        PASS
+    );
+    assert_eq!(
+        e.vm_sends(&out6(world6(3), 17, udp(port(), 54, b"q"))),
         TC_ACT_SHOT
     );
 }
@@ -732,7 +736,7 @@ fn tcp_handshake_fast_path_and_close() {
     let seg_out = |flags| out4(peer, 6, tcp(5432, sp, 5000, 1001, flags));
 
     let [created, pass_policy] = e.delta([STAT_CT_CREATED, STAT_PASS_POLICY], || {
-        assert_eq!(e.to_vm(&seg_in(SYN)), PASS)
+        assert_eq!(e.vm_receives(&seg_in(SYN)), PASS)
     });
     assert_eq!((created, pass_policy), (1, 1));
     assert_eq!(e.ct(&key).unwrap().state, CT_TCP_SYN_SENT);
@@ -740,14 +744,14 @@ fn tcp_handshake_fast_path_and_close() {
     // Egress policy allows no TCP to this peer: replies pass on conntrack alone, and the
     // policy is not consulted again (one lookup: STAT_CT_HIT, no STAT_PASS_POLICY).
     let [hit, policy] = e.delta([STAT_CT_HIT, STAT_PASS_POLICY], || {
-        assert_eq!(e.from_vm(&seg_out(SYN | ACK)), PASS);
+        assert_eq!(e.vm_sends(&seg_out(SYN | ACK)), PASS);
     });
     assert_eq!((hit, policy), (1, 0));
     assert_eq!(e.ct(&key).unwrap().state, CT_TCP_SYN_RECV);
     let [hit, policy] = e.delta([STAT_CT_HIT, STAT_PASS_POLICY], || {
-        assert_eq!(e.to_vm(&seg_in(ACK)), PASS);
-        assert_eq!(e.to_vm(&seg_in(ACK | PSH)), PASS);
-        assert_eq!(e.from_vm(&seg_out(ACK | PSH)), PASS);
+        assert_eq!(e.vm_receives(&seg_in(ACK)), PASS);
+        assert_eq!(e.vm_receives(&seg_in(ACK | PSH)), PASS);
+        assert_eq!(e.vm_sends(&seg_out(ACK | PSH)), PASS);
     });
     assert_eq!((hit, policy), (3, 0));
     let ent = e.ct(&key).unwrap();
@@ -756,35 +760,38 @@ fn tcp_handshake_fast_path_and_close() {
     assert_eq!(ent.flags & CT_ORIG_EGRESS, 0, "originated by the peer");
 
     // FIN from both sides: closing; then a RST closes.
-    assert_eq!(e.from_vm(&seg_out(FIN | ACK)), PASS);
+    assert_eq!(e.vm_sends(&seg_out(FIN | ACK)), PASS);
     assert_eq!(e.ct(&key).unwrap().state, CT_TCP_FIN_WAIT);
-    assert_eq!(e.to_vm(&seg_in(FIN | ACK)), PASS);
+    assert_eq!(e.vm_receives(&seg_in(FIN | ACK)), PASS);
     assert_eq!(e.ct(&key).unwrap().state, CT_TCP_CLOSING);
     let [closed] = e.delta([STAT_CT_CLOSED], || {
-        assert_eq!(e.from_vm(&seg_out(RST)), PASS)
+        assert_eq!(e.vm_sends(&seg_out(RST)), PASS)
     });
     assert_eq!(closed, 1);
     assert_eq!(e.ct(&key).unwrap().state, CT_TCP_CLOSED);
 
     // A new SYN on the closed tuple is a new flow, judged by policy again.
     let [expired, pass_policy] = e.delta([STAT_CT_EXPIRED, STAT_PASS_POLICY], || {
-        assert_eq!(e.to_vm(&seg_in(SYN)), PASS);
+        assert_eq!(e.vm_receives(&seg_in(SYN)), PASS);
     });
     assert_eq!((expired, pass_policy), (1, 1));
     assert_eq!(e.ct(&key).unwrap().state, CT_TCP_SYN_SENT);
     // RST straight from a fresh flow closes it too.
     let [closed] = e.delta([STAT_CT_CLOSED], || {
-        assert_eq!(e.to_vm(&seg_in(RST | ACK)), PASS)
+        assert_eq!(e.vm_receives(&seg_in(RST | ACK)), PASS)
     });
     assert_eq!(closed, 1);
 
     // A VM-originated flow: the peer's reply is not judged by ingress policy.
     let world = [203, 0, 113, 80];
     let sp = port();
-    assert_eq!(e.from_vm(&out4(world, 6, tcp(sp, 443, 1, 0, SYN))), PASS);
+    assert_eq!(e.vm_sends(&out4(world, 6, tcp(sp, 443, 1, 0, SYN))), PASS);
     let k = ct_key(v4_mapped(VM4), sp, v4_mapped(world), 443, 6);
     assert_ne!(e.ct(&k).unwrap().flags & CT_ORIG_EGRESS, 0);
-    assert_eq!(e.to_vm(&in4(world, 6, tcp(443, sp, 9, 2, SYN | ACK))), PASS);
+    assert_eq!(
+        e.vm_receives(&in4(world, 6, tcp(443, sp, 9, 2, SYN | ACK))),
+        PASS
+    );
     assert_eq!(e.ct(&k).unwrap().state, CT_TCP_SYN_RECV);
 }
 
@@ -798,7 +805,7 @@ fn tcp_without_syn_is_picked_up_mid_stream_or_judged() {
     let peer = [10, 2, 0, 8];
     let sp = port();
     let [pickup, created] = e.delta([STAT_CT_PICKUP, STAT_CT_CREATED], || {
-        assert_eq!(e.to_vm(&in4(peer, 6, tcp(sp, 5432, 7, 7, ACK))), PASS);
+        assert_eq!(e.vm_receives(&in4(peer, 6, tcp(sp, 5432, 7, 7, ACK))), PASS);
     });
     assert_eq!((pickup, created), (1, 1));
     let ent = e
@@ -806,12 +813,12 @@ fn tcp_without_syn_is_picked_up_mid_stream_or_judged() {
         .unwrap();
     assert_eq!(ent.state, CT_TCP_ESTABLISHED);
     assert_ne!(ent.flags & CT_PICKUP, 0);
-    assert_eq!(e.from_vm(&out4(peer, 6, tcp(5432, sp, 7, 8, ACK))), PASS);
+    assert_eq!(e.vm_sends(&out4(peer, 6, tcp(5432, sp, 7, 8, ACK))), PASS);
 
     // Not allowed by policy: a non-SYN is judged and dropped like a SYN.
     let [policy, pickup] = e.delta([STAT_DROP_POLICY, STAT_CT_PICKUP], || {
         assert_eq!(
-            e.to_vm(&in4(peer, 6, tcp(port(), 22, 7, 7, ACK))),
+            e.vm_receives(&in4(peer, 6, tcp(port(), 22, 7, 7, ACK))),
             TC_ACT_SHOT
         );
     });
@@ -821,7 +828,7 @@ fn tcp_without_syn_is_picked_up_mid_stream_or_judged() {
     for flags in [SYN | RST, SYN | FIN, SYN | FIN | ACK] {
         let [invalid] = e.delta([STAT_DROP_INVALID_TCP], || {
             assert_eq!(
-                e.to_vm(&in4(peer, 6, tcp(port(), 5432, 7, 0, flags))),
+                e.vm_receives(&in4(peer, 6, tcp(port(), 5432, 7, 0, flags))),
                 TC_ACT_SHOT
             );
         });
@@ -830,7 +837,7 @@ fn tcp_without_syn_is_picked_up_mid_stream_or_judged() {
     // A lone RST of an allowed tuple passes but opens nothing.
     let sp = port();
     let [created] = e.delta([STAT_CT_CREATED], || {
-        assert_eq!(e.to_vm(&in4(peer, 6, tcp(sp, 5432, 7, 0, RST))), PASS);
+        assert_eq!(e.vm_receives(&in4(peer, 6, tcp(sp, 5432, 7, 0, RST))), PASS);
     });
     assert_eq!(created, 0);
     assert!(e
@@ -867,12 +874,12 @@ fn udp_and_icmp_echo_replies_pass_on_conntrack() {
             in6(dns6, 58, echo(129, 4243)),
         ),
     ] {
-        assert_eq!(e.from_vm(&out), PASS);
+        assert_eq!(e.vm_sends(&out), PASS);
         // Ingress policy allows nothing of this from the world: the reply passes on
         // conntrack, a packet of another flow is judged and dropped.
-        let [hit] = e.delta([STAT_CT_HIT], || assert_eq!(e.to_vm(&reply), PASS));
+        let [hit] = e.delta([STAT_CT_HIT], || assert_eq!(e.vm_receives(&reply), PASS));
         assert_eq!(hit, 1);
-        assert_eq!(e.to_vm(&other), TC_ACT_SHOT);
+        assert_eq!(e.vm_receives(&other), TC_ACT_SHOT);
     }
     let k = ct_key(v4_mapped(VM4), 31000, v4_mapped(dns4), 53, 17);
     assert_eq!(e.ct(&k).unwrap().state, CT_REPLIED);
@@ -887,8 +894,8 @@ fn icmp_errors_quoting_tracked_flows_pass() {
     let peer4 = [203, 0, 113, 53];
     let router6 = a6([0x2001, 0xdb8, 0xff, 0], 1);
     let peer6 = a6([0x2001, 0xdb8, 0xff, 0], 53);
-    assert_eq!(e.from_vm(&out4(peer4, 17, udp(32000, 53, b"q"))), PASS);
-    assert_eq!(e.from_vm(&out6(peer6, 17, udp(32000, 53, b"q"))), PASS);
+    assert_eq!(e.vm_sends(&out4(peer4, 17, udp(32000, 53, b"q"))), PASS);
+    assert_eq!(e.vm_sends(&out6(peer6, 17, udp(32000, 53, b"q"))), PASS);
     let quote4 = |sport| ipv4_packet(VM4, peer4, 17, &[], 0, 9, udp(sport, 53, b""));
     let quote6 = |sport| ipv6_packet(VM6, peer6, 17, &[], 17, udp(sport, 53, b""), false);
     // Destination unreachable (port) from a router quoting the tracked flow.
@@ -901,19 +908,19 @@ fn icmp_errors_quoting_tracked_flows_pass() {
     let ptb6 = in6(router6, 58, icmp(2, 0, [0, 0, 5, 0], &quote6(32000)));
     let [hit, policy] = e.delta([STAT_CT_HIT, STAT_PASS_POLICY], || {
         for f in [&known4, &known6, &ttl4, &ptb6] {
-            assert_eq!(e.to_vm(f), PASS);
+            assert_eq!(e.vm_receives(f), PASS);
         }
     });
     assert_eq!((hit, policy), (4, 0));
     // Quoting an unknown flow: judged as ICMP from the world, which ingress denies.
     let [denied] = e.delta([STAT_DROP_POLICY], || {
-        assert_eq!(e.to_vm(&unknown4), TC_ACT_SHOT);
-        assert_eq!(e.to_vm(&unknown6), TC_ACT_SHOT);
+        assert_eq!(e.vm_receives(&unknown4), TC_ACT_SHOT);
+        assert_eq!(e.vm_receives(&unknown6), TC_ACT_SHOT);
     });
     assert_eq!(denied, 2);
     // Truncated quote: judged by policy too.
     let short = in4(router4, 1, icmp(3, 3, [0; 4], &quote4(32000)[..10]));
-    assert_eq!(e.to_vm(&short), TC_ACT_SHOT);
+    assert_eq!(e.vm_receives(&short), TC_ACT_SHOT);
 }
 
 #[test]
@@ -933,10 +940,10 @@ fn ipv4_options_and_ipv6_extension_headers() {
     // IPv4 options are skipped via IHL and the packet judged on its real ports.
     let nops = [1, 1, 1, 1];
     let record_route = [7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-    assert_eq!(e.to_vm(&opt4(&nops, 5432)), PASS);
-    assert_eq!(e.to_vm(&opt4(&record_route, 5432)), PASS);
-    assert_eq!(e.to_vm(&opt4(&nops, 22)), TC_ACT_SHOT);
-    assert_eq!(e.to_vm(&opt4(&[1; 40], 8001)), PASS, "maximum IHL");
+    assert_eq!(e.vm_receives(&opt4(&nops, 5432)), PASS);
+    assert_eq!(e.vm_receives(&opt4(&record_route, 5432)), PASS);
+    assert_eq!(e.vm_receives(&opt4(&nops, 22)), TC_ACT_SHOT);
+    assert_eq!(e.vm_receives(&opt4(&[1; 40], 8001)), PASS, "maximum IHL");
 
     let net6 = a6([0x2001, 0xdb8, 0xa, 2], 9);
     let trusted6 = a6([0x2001, 0xdb8, 0xc, 0], 9);
@@ -965,13 +972,13 @@ fn ipv4_options_and_ipv6_extension_headers() {
     ] {
         // Walked to TCP and judged on the real port.
         assert_eq!(
-            e.to_vm(&x6(net6, first, ext.clone(), 6, syn(5432))),
+            e.vm_receives(&x6(net6, first, ext.clone(), 6, syn(5432))),
             PASS,
             "{what}"
         );
         let [policy] = e.delta([STAT_DROP_POLICY], || {
             assert_eq!(
-                e.to_vm(&x6(net6, first, ext.clone(), 6, syn(22))),
+                e.vm_receives(&x6(net6, first, ext.clone(), 6, syn(22))),
                 TC_ACT_SHOT
             );
         });
@@ -979,7 +986,7 @@ fn ipv4_options_and_ipv6_extension_headers() {
     }
     // Routing header type 0 (source routing): dropped.
     let [ext] = e.delta([STAT_DROP_IPV6_EXT], || {
-        assert_eq!(e.to_vm(&x6(net6, 43, rh0, 6, syn(5432))), TC_ACT_SHOT);
+        assert_eq!(e.vm_receives(&x6(net6, 43, rh0, 6, syn(5432))), TC_ACT_SHOT);
     });
     assert_eq!(ext, 1);
     // More than six extension headers: dropped.
@@ -990,31 +997,40 @@ fn ipv4_options_and_ipv6_extension_headers() {
         .flat_map(|i| ext8(if i == 5 { 6 } else { 60 }, 60, 0))
         .collect();
     assert_eq!(
-        e.to_vm(&x6(net6, 60, six, 6, syn(5432))),
+        e.vm_receives(&x6(net6, 60, six, 6, syn(5432))),
         PASS,
         "six headers"
     );
     let [ext] = e.delta([STAT_DROP_IPV6_EXT], || {
-        assert_eq!(e.to_vm(&x6(net6, 60, seven, 6, syn(5432))), TC_ACT_SHOT);
+        assert_eq!(
+            e.vm_receives(&x6(net6, 60, seven, 6, syn(5432))),
+            TC_ACT_SHOT
+        );
     });
     assert_eq!(ext, 1);
     // An unknown next header ends the walk and is judged as the L4 protocol: allowed where
     // the policy allows any protocol, denied elsewhere.
-    assert_eq!(e.to_vm(&x6(trusted6, 253, vec![], 253, vec![0; 16])), PASS);
     assert_eq!(
-        e.to_vm(&x6(trusted6, 0, ext8(253, 0, 0), 253, vec![0; 16])),
+        e.vm_receives(&x6(trusted6, 253, vec![], 253, vec![0; 16])),
         PASS
     );
     assert_eq!(
-        e.to_vm(&x6(net6, 0, ext8(253, 0, 0), 253, vec![0; 16])),
+        e.vm_receives(&x6(trusted6, 0, ext8(253, 0, 0), 253, vec![0; 16])),
+        PASS
+    );
+    assert_eq!(
+        e.vm_receives(&x6(net6, 0, ext8(253, 0, 0), 253, vec![0; 16])),
         TC_ACT_SHOT
     );
     // No next header (59): a protocol like any other.
-    assert_eq!(e.to_vm(&x6(trusted6, 59, vec![], 59, vec![])), PASS);
-    assert_eq!(e.to_vm(&x6(net6, 59, vec![], 59, vec![])), TC_ACT_SHOT);
+    assert_eq!(e.vm_receives(&x6(trusted6, 59, vec![], 59, vec![])), PASS);
+    assert_eq!(
+        e.vm_receives(&x6(net6, 59, vec![], 59, vec![])),
+        TC_ACT_SHOT
+    );
     // An extension header cut short: truncated.
     let [trunc] = e.delta([STAT_DROP_TRUNCATED], || {
-        assert_eq!(e.to_vm(&x6(net6, 0, vec![], 6, vec![])), TC_ACT_SHOT);
+        assert_eq!(e.vm_receives(&x6(net6, 0, vec![], 6, vec![])), TC_ACT_SHOT);
     });
     assert_eq!(trunc, 1);
 }
@@ -1036,30 +1052,48 @@ fn fragments_follow_their_first_fragment() {
     let denied = [10, 1, 0, 10];
     // First fragment (MF, offset 0): judged on its ports.
     let [pass] = e.delta([STAT_PASS_POLICY], || {
-        assert_eq!(e.to_vm(&frag4(allowed, 0x2000, 77, syn(5432))), PASS);
+        assert_eq!(e.vm_receives(&frag4(allowed, 0x2000, 77, syn(5432))), PASS);
     });
     assert_eq!(pass, 1);
     // Later fragments of that datagram (offset 8 and the last one) pass.
     let [fp] = e.delta([STAT_FRAG_PASS], || {
-        assert_eq!(e.to_vm(&frag4(allowed, 0x2000 | 3, 77, vec![0; 24])), PASS);
-        assert_eq!(e.to_vm(&frag4(allowed, 6, 77, vec![0; 8])), PASS);
+        assert_eq!(
+            e.vm_receives(&frag4(allowed, 0x2000 | 3, 77, vec![0; 24])),
+            PASS
+        );
+        assert_eq!(e.vm_receives(&frag4(allowed, 6, 77, vec![0; 8])), PASS);
     });
     assert_eq!(fp, 2);
     // Later fragments of another datagram, or of one whose first fragment was denied: drop.
-    assert_eq!(e.to_vm(&frag4(denied, 0x2000, 78, syn(5432))), TC_ACT_SHOT);
+    assert_eq!(
+        e.vm_receives(&frag4(denied, 0x2000, 78, syn(5432))),
+        TC_ACT_SHOT
+    );
     let [df] = e.delta([STAT_DROP_FRAGMENT], || {
-        assert_eq!(e.to_vm(&frag4(allowed, 3, 79, vec![0; 8])), TC_ACT_SHOT);
-        assert_eq!(e.to_vm(&frag4(denied, 3, 78, vec![0; 8])), TC_ACT_SHOT);
+        assert_eq!(
+            e.vm_receives(&frag4(allowed, 3, 79, vec![0; 8])),
+            TC_ACT_SHOT
+        );
+        assert_eq!(
+            e.vm_receives(&frag4(denied, 3, 78, vec![0; 8])),
+            TC_ACT_SHOT
+        );
         // Same id, other source: another datagram.
         assert_eq!(
-            e.to_vm(&frag4([10, 2, 0, 11], 3, 77, vec![0; 8])),
+            e.vm_receives(&frag4([10, 2, 0, 11], 3, 77, vec![0; 8])),
             TC_ACT_SHOT
         );
     });
     assert_eq!(df, 3);
     // A first fragment denied on its ports.
-    assert_eq!(e.to_vm(&frag4(allowed, 0x2000, 80, syn(22))), TC_ACT_SHOT);
-    assert_eq!(e.to_vm(&frag4(allowed, 3, 80, vec![0; 8])), TC_ACT_SHOT);
+    assert_eq!(
+        e.vm_receives(&frag4(allowed, 0x2000, 80, syn(22))),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        e.vm_receives(&frag4(allowed, 3, 80, vec![0; 8])),
+        TC_ACT_SHOT
+    );
 
     // IPv6 fragment header.
     let net6 = a6([0x2001, 0xdb8, 0xa, 2], 10);
@@ -1073,23 +1107,26 @@ fn fragments_follow_their_first_fragment() {
         )
     };
     assert_eq!(
-        e.to_vm(&frag6p(net6, 0, true, 0xabcd, udp(port(), 7, &[1; 32]))),
+        e.vm_receives(&frag6p(net6, 0, true, 0xabcd, udp(port(), 7, &[1; 32]))),
         PASS
     );
     let [fp, df] = e.delta([STAT_FRAG_PASS, STAT_DROP_FRAGMENT], || {
-        assert_eq!(e.to_vm(&frag6p(net6, 5, false, 0xabcd, vec![2; 16])), PASS);
         assert_eq!(
-            e.to_vm(&frag6p(net6, 5, false, 0xabce, vec![2; 16])),
+            e.vm_receives(&frag6p(net6, 5, false, 0xabcd, vec![2; 16])),
+            PASS
+        );
+        assert_eq!(
+            e.vm_receives(&frag6p(net6, 5, false, 0xabce, vec![2; 16])),
             TC_ACT_SHOT
         );
     });
     assert_eq!((fp, df), (1, 1));
     assert_eq!(
-        e.to_vm(&frag6p(sub6, 0, true, 0x1111, udp(port(), 7, &[1; 32]))),
+        e.vm_receives(&frag6p(sub6, 0, true, 0x1111, udp(port(), 7, &[1; 32]))),
         TC_ACT_SHOT
     );
     assert_eq!(
-        e.to_vm(&frag6p(sub6, 5, false, 0x1111, vec![2; 16])),
+        e.vm_receives(&frag6p(sub6, 5, false, 0x1111, vec![2; 16])),
         TC_ACT_SHOT
     );
 }
@@ -1153,8 +1190,8 @@ fn truncated_headers_and_non_ip_frames_drop() {
         let f_in = eth(PEER_MAC, VM_MAC, ethertype, &[0; 46]);
         let f_out = eth(VM_MAC, PEER_MAC, ethertype, &[0; 46]);
         let [n] = e.delta([STAT_DROP_NON_IP], || {
-            assert_eq!(e.to_vm(&f_in), TC_ACT_SHOT);
-            assert_eq!(e.from_vm(&f_out), TC_ACT_SHOT);
+            assert_eq!(e.vm_receives(&f_in), TC_ACT_SHOT);
+            assert_eq!(e.vm_sends(&f_out), TC_ACT_SHOT);
         });
         assert_eq!(n, 2, "ethertype {ethertype:#x}");
     }
@@ -1182,14 +1219,14 @@ fn arp(oper: u16, sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
 }
 
 #[test]
-fn arp_ndp_and_rogue_infrastructure_from_the_vm() {
+fn arp_ndp_and_rogue_infrastructure_vm_sends() {
     let Some(mut e) = env("spoofing") else {
         return;
     };
     let mut ev = events(&mut e);
     let gw = [192, 0, 2, 1];
     let spoofs = |e: &Env, f: &[u8]| {
-        let [s] = e.delta([STAT_DROP_SPOOF], || assert_eq!(e.from_vm(f), TC_ACT_SHOT));
+        let [s] = e.delta([STAT_DROP_SPOOF], || assert_eq!(e.vm_sends(f), TC_ACT_SHOT));
         assert_eq!(s, 1);
     };
     let infra = |e: &Env, hook: Hook, f: &[u8]| {
@@ -1292,7 +1329,7 @@ fn arp_ndp_and_rogue_infrastructure_from_the_vm() {
     e.apply(&base_tables(EP_INFRA_SERVER));
     infra(&e, Hook::FromVm, &ra);
     let [spoof, policy] = e.delta([STAT_DROP_SPOOF, STAT_DROP_POLICY], || {
-        assert_eq!(e.from_vm(&dhcp_offer), TC_ACT_SHOT);
+        assert_eq!(e.vm_sends(&dhcp_offer), TC_ACT_SHOT);
     });
     assert_eq!((spoof, policy), (0, 1));
     let st = e.t.endpoint_stats(e.slot).unwrap();
@@ -1434,12 +1471,15 @@ fn reject_answers_tcp_with_a_valid_rst_v4_v6() {
     let mut with_payload = tcp(port(), 22, 1, 0, ACK | PSH);
     with_payload.extend_from_slice(b"data");
     let [failed] = e.delta([STAT_REJECT_FAILED], || {
-        assert_eq!(e.to_vm(&in4(rej4, 6, with_payload)), TC_ACT_SHOT);
+        assert_eq!(e.vm_receives(&in4(rej4, 6, with_payload)), TC_ACT_SHOT);
         // Non-TCP reject: dropped (no ICMP answer yet).
-        assert_eq!(e.to_vm(&in4(rej4, 17, udp(port(), 53, b"q"))), TC_ACT_SHOT);
+        assert_eq!(
+            e.vm_receives(&in4(rej4, 17, udp(port(), 53, b"q"))),
+            TC_ACT_SHOT
+        );
         // A RST is never answered.
         assert_eq!(
-            e.to_vm(&in4(rej4, 6, tcp(port(), 22, 1, 0, RST))),
+            e.vm_receives(&in4(rej4, 6, tcp(port(), 22, 1, 0, RST))),
             TC_ACT_SHOT
         );
     });
@@ -1455,7 +1495,7 @@ fn monitor_action_and_monitor_endpoint_pass_with_an_event() {
     let mon = [198, 51, 101, 1];
     let sp = port();
     let f = in4(mon, 6, tcp(sp, 22, 1, 0, SYN));
-    let [mp] = e.delta([STAT_MONITOR_PASS], || assert_eq!(e.to_vm(&f), PASS));
+    let [mp] = e.delta([STAT_MONITOR_PASS], || assert_eq!(e.vm_receives(&f), PASS));
     assert_eq!(mp, 1);
     let x = drain(&mut ev);
     assert_eq!(x.len(), 1);
@@ -1468,7 +1508,10 @@ fn monitor_action_and_monitor_endpoint_pass_with_an_event() {
         .ct(&ct_key(v4_mapped(mon), sp, v4_mapped(VM4), 22, 6))
         .unwrap();
     assert_ne!(ent.flags & CT_MONITOR, 0);
-    assert_eq!(e.from_vm(&out4(mon, 6, tcp(22, sp, 1, 2, SYN | ACK))), PASS);
+    assert_eq!(
+        e.vm_sends(&out4(mon, 6, tcp(22, sp, 1, 2, SYN | ACK))),
+        PASS
+    );
     assert_eq!(e.t.endpoint_stats(e.slot).unwrap().monitor_packets, [1, 1]);
 
     // EP_MONITOR: every deny (and reject) becomes a would-deny event and passes.
@@ -1477,9 +1520,9 @@ fn monitor_action_and_monitor_endpoint_pass_with_an_event() {
     let rejected = in4([198, 51, 102, 1], 6, syn(22));
     let allowed = in4([10, 2, 0, 1], 6, syn(5432));
     let [mp, dp] = e.delta([STAT_MONITOR_PASS, STAT_DROP_POLICY], || {
-        assert_eq!(e.to_vm(&denied), PASS);
-        assert_eq!(e.to_vm(&rejected), PASS);
-        assert_eq!(e.to_vm(&allowed), PASS);
+        assert_eq!(e.vm_receives(&denied), PASS);
+        assert_eq!(e.vm_receives(&rejected), PASS);
+        assert_eq!(e.vm_receives(&allowed), PASS);
     });
     assert_eq!((mp, dp), (2, 0));
     let x = drain(&mut ev);
@@ -1499,15 +1542,15 @@ fn deny_and_logged_allow_emit_events() {
     let src = [10, 1, 2, 3];
     let sp = port();
     let f = in4(src, 6, tcp(sp, 5432, 1, 0, SYN));
-    assert_eq!(e.to_vm(&f), TC_ACT_SHOT);
+    assert_eq!(e.vm_receives(&f), TC_ACT_SHOT);
     let sub6 = a6([0x2001, 0xdb8, 0xa, 1], 3);
     let f6 = out6(sub6, 17, udp(sp, 99, b"x"));
-    assert_eq!(e.from_vm(&f6), TC_ACT_SHOT);
+    assert_eq!(e.vm_sends(&f6), TC_ACT_SHOT);
     let logged = [198, 51, 100, 4];
     let fl = in4(logged, 17, udp(sp, 7, b"hello"));
-    assert_eq!(e.to_vm(&fl), PASS);
+    assert_eq!(e.vm_receives(&fl), PASS);
     let echo6 = in6(a6([0x2001, 0xdb8, 0xff, 0], 1), 58, echo(128, 9));
-    assert_eq!(e.to_vm(&echo6), TC_ACT_SHOT);
+    assert_eq!(e.vm_receives(&echo6), TC_ACT_SHOT);
 
     let x = drain(&mut ev);
     assert_eq!(x.len(), 4, "{x:?}");
@@ -1562,7 +1605,7 @@ fn event_rate_limit_counts_every_suppressed_event() {
     let deny = || in4([10, 1, 0, 1], 6, syn(5432));
     let [limited, sent] = e.delta([STAT_EVENTS_RATE_LIMITED, STAT_EVENTS_SENT], || {
         for _ in 0..TOTAL {
-            assert_eq!(e.to_vm(&deny()), TC_ACT_SHOT);
+            assert_eq!(e.vm_receives(&deny()), TC_ACT_SHOT);
         }
     });
     let x = drain(&mut ev);
@@ -1577,7 +1620,7 @@ fn event_rate_limit_counts_every_suppressed_event() {
     // reported goes with the next delivered event, after the window refills.
     let reported: u64 = x.iter().map(|x| u64::from(x.suppressed_before)).sum();
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    assert_eq!(e.to_vm(&deny()), TC_ACT_SHOT);
+    assert_eq!(e.vm_receives(&deny()), TC_ACT_SHOT);
     let y = drain(&mut ev);
     assert_eq!(y.len(), 1);
     assert_eq!(
@@ -1604,19 +1647,22 @@ fn policy_epoch_change_rejudges_established_flows() {
     let mut ev = events(&mut e);
     // Three established flows: two from the /8 (port 5432 and 8050), one the VM opened.
     let handshake_in = |e: &Env, peer: [u8; 4], sp: u16, dp: u16| {
-        assert_eq!(e.to_vm(&in4(peer, 6, tcp(sp, dp, 1, 0, SYN))), PASS);
+        assert_eq!(e.vm_receives(&in4(peer, 6, tcp(sp, dp, 1, 0, SYN))), PASS);
         assert_eq!(
-            e.from_vm(&out4(peer, 6, tcp(dp, sp, 9, 2, SYN | ACK))),
+            e.vm_sends(&out4(peer, 6, tcp(dp, sp, 9, 2, SYN | ACK))),
             PASS
         );
-        assert_eq!(e.to_vm(&in4(peer, 6, tcp(sp, dp, 2, 10, ACK))), PASS);
+        assert_eq!(e.vm_receives(&in4(peer, 6, tcp(sp, dp, 2, 10, ACK))), PASS);
     };
     let (pa, pb, world) = ([10, 2, 0, 1], [10, 2, 0, 2], [203, 0, 113, 9]);
     let (sa, sb, sc) = (port(), port(), port());
     handshake_in(&e, pa, sa, 5432);
     handshake_in(&e, pb, sb, 8050);
-    assert_eq!(e.from_vm(&out4(world, 6, tcp(sc, 443, 1, 0, SYN))), PASS);
-    assert_eq!(e.to_vm(&in4(world, 6, tcp(443, sc, 9, 2, SYN | ACK))), PASS);
+    assert_eq!(e.vm_sends(&out4(world, 6, tcp(sc, 443, 1, 0, SYN))), PASS);
+    assert_eq!(
+        e.vm_receives(&in4(world, 6, tcp(443, sc, 9, 2, SYN | ACK))),
+        PASS
+    );
     let key_a = ct_key(v4_mapped(pa), sa, v4_mapped(VM4), 5432, 6);
     let key_b = ct_key(v4_mapped(pb), sb, v4_mapped(VM4), 8050, 6);
     let old_epoch = e.ct(&key_a).unwrap().epoch;
@@ -1633,7 +1679,7 @@ fn policy_epoch_change_rejudges_established_flows() {
     let [rejudged, revoked, hit] =
         e.delta([STAT_CT_REJUDGED, STAT_CT_REVOKED, STAT_CT_HIT], || {
             assert_eq!(
-                e.to_vm(&in4(pa, 6, tcp(sa, 5432, 2, 10, ACK | PSH))),
+                e.vm_receives(&in4(pa, 6, tcp(sa, 5432, 2, 10, ACK | PSH))),
                 TC_ACT_SHOT
             );
         });
@@ -1641,7 +1687,7 @@ fn policy_epoch_change_rejudges_established_flows() {
     assert!(e.ct(&key_a).is_none(), "revoked flow forgotten");
     // And stays cut: its next segment is a new (non-SYN) flow that policy denies.
     assert_eq!(
-        e.from_vm(&out4(pa, 6, tcp(5432, sa, 10, 3, ACK))),
+        e.vm_sends(&out4(pa, 6, tcp(5432, sa, 10, 3, ACK))),
         TC_ACT_SHOT
     );
     let x = drain(&mut ev);
@@ -1657,7 +1703,7 @@ fn policy_epoch_change_rejudges_established_flows() {
     let [rejudged, revoked, hit] =
         e.delta([STAT_CT_REJUDGED, STAT_CT_REVOKED, STAT_CT_HIT], || {
             assert_eq!(
-                e.from_vm(&out4(pb, 6, tcp(8050, sb, 10, 3, ACK | PSH))),
+                e.vm_sends(&out4(pb, 6, tcp(8050, sb, 10, 3, ACK | PSH))),
                 PASS
             );
         });
@@ -1668,13 +1714,16 @@ fn policy_epoch_change_rejudges_established_flows() {
         (epoch, R_RANGE, CT_TCP_ESTABLISHED)
     );
     let [rejudged, hit] = e.delta([STAT_CT_REJUDGED, STAT_CT_HIT], || {
-        assert_eq!(e.to_vm(&in4(pb, 6, tcp(sb, 8050, 3, 11, ACK))), PASS);
+        assert_eq!(e.vm_receives(&in4(pb, 6, tcp(sb, 8050, 3, 11, ACK))), PASS);
     });
     assert_eq!((rejudged, hit), (0, 1));
     // The VM-opened flow is re-judged on the egress rule towards its peer (the reply's
     // source), even when the packet is the peer's.
     let [rejudged, revoked] = e.delta([STAT_CT_REJUDGED, STAT_CT_REVOKED], || {
-        assert_eq!(e.to_vm(&in4(world, 6, tcp(443, sc, 10, 2, ACK))), PASS);
+        assert_eq!(
+            e.vm_receives(&in4(world, 6, tcp(443, sc, 10, 2, ACK))),
+            PASS
+        );
     });
     assert_eq!((rejudged, revoked), (1, 0));
 
@@ -1685,7 +1734,7 @@ fn policy_epoch_change_rejudges_established_flows() {
     e.apply(&t2);
     let [revoked] = e.delta([STAT_CT_REVOKED], || {
         assert_eq!(
-            e.to_vm(&in4(world, 6, tcp(443, sc, 11, 2, ACK))),
+            e.vm_receives(&in4(world, 6, tcp(443, sc, 11, 2, ACK))),
             TC_ACT_SHOT
         );
     });
@@ -1721,13 +1770,13 @@ fn generation_swap_is_atomic_and_only_the_active_generation_judges() {
     };
     for round in 0..4 {
         assert_eq!(
-            e.to_vm(&db()),
+            e.vm_receives(&db()),
             TC_ACT_SHOT,
             "round {round}: epoch 2 (gen 0) denies"
         );
         set_epoch(&mut config, 3);
         assert_eq!(
-            e.to_vm(&db()),
+            e.vm_receives(&db()),
             PASS,
             "round {round}: epoch 3 (gen 1) allows"
         );
@@ -1743,11 +1792,13 @@ fn generation_swap_is_atomic_and_only_the_active_generation_judges() {
         ..Default::default()
     });
     let [boot] = e.delta([STAT_DROP_BOOTSTRAP], || {
-        assert_eq!(e.to_vm(&db()), TC_ACT_SHOT)
+        assert_eq!(e.vm_receives(&db()), TC_ACT_SHOT)
     });
     assert_eq!(boot, 1);
     e.t.set_posture(BOOTSTRAP_ALLOW, 0).unwrap();
-    let [boot] = e.delta([STAT_PASS_BOOTSTRAP], || assert_eq!(e.to_vm(&db()), PASS));
+    let [boot] = e.delta([STAT_PASS_BOOTSTRAP], || {
+        assert_eq!(e.vm_receives(&db()), PASS)
+    });
     assert_eq!(boot, 1);
     drop(config);
 }
@@ -1761,29 +1812,29 @@ fn rule_and_endpoint_counters_count_packets_and_bytes() {
     let allowed_len = allowed.len() as u64;
     for _ in 0..5 {
         assert_eq!(
-            e.to_vm(&in4([10, 2, 0, 1], 17, udp(port(), 9, &[0; 100]))),
+            e.vm_receives(&in4([10, 2, 0, 1], 17, udp(port(), 9, &[0; 100]))),
             PASS
         );
     }
     let denied = in6(a6([0x2001, 0xdb8, 0xa, 1], 1), 6, syn(5432));
     for _ in 0..3 {
         assert_eq!(
-            e.to_vm(&in6(a6([0x2001, 0xdb8, 0xa, 1], 1), 6, syn(5432))),
+            e.vm_receives(&in6(a6([0x2001, 0xdb8, 0xa, 1], 1), 6, syn(5432))),
             TC_ACT_SHOT
         );
     }
     // Egress: two allowed DNS queries, one denied packet.
     let q = out4([203, 0, 113, 53], 17, udp(port(), 53, b"q"));
-    assert_eq!(e.from_vm(&q), PASS);
+    assert_eq!(e.vm_sends(&q), PASS);
     assert_eq!(
-        e.from_vm(&out4([203, 0, 113, 53], 17, udp(port(), 53, b"q"))),
+        e.vm_sends(&out4([203, 0, 113, 53], 17, udp(port(), 53, b"q"))),
         PASS
     );
     let bad = out4([203, 0, 113, 53], 17, udp(port(), 54, b"qq"));
-    assert_eq!(e.from_vm(&bad), TC_ACT_SHOT);
+    assert_eq!(e.vm_sends(&bad), TC_ACT_SHOT);
     // Tracked replies count on the rule that admitted the flow.
     assert_eq!(
-        e.to_vm(&in4(
+        e.vm_receives(&in4(
             [203, 0, 113, 53],
             17,
             udp(53, u16::from_be_bytes([q[34], q[35]]), b"a")

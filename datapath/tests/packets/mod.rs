@@ -14,11 +14,11 @@ pub const ACK: u8 = 0x10;
 
 /// One's complement sum, folded, not inverted.
 fn sum(data: &[u8], mut acc: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    let (pairs, rest) = data.as_chunks::<2>();
+    for c in pairs {
+        acc += u32::from(u16::from_be_bytes(*c));
     }
-    if let [last] = chunks.remainder() {
+    if let [last] = rest {
         acc += u32::from(*last) << 8;
     }
     while acc > 0xffff {
@@ -121,7 +121,7 @@ pub fn ipv4_packet(
     mut l4: Vec<u8>,
 ) -> Vec<u8> {
     let mut opts = options.to_vec();
-    while opts.len() % 4 != 0 {
+    while !opts.len().is_multiple_of(4) {
         opts.push(0);
     }
     if frag == 0 {
