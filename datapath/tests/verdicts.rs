@@ -1219,7 +1219,7 @@ fn arp(oper: u16, sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
 }
 
 #[test]
-fn arp_ndp_and_rogue_infrastructure_vm_sends() {
+fn arp_ndp_and_rogue_infrastructure_from_the_vm() {
     let Some(mut e) = env("spoofing") else {
         return;
     };
@@ -1864,4 +1864,67 @@ fn rule_and_endpoint_counters_count_packets_and_bytes() {
     assert_eq!(st.deny_bytes, [bad.len() as u64, 3 * denied.len() as u64]);
     assert_eq!(st.monitor_packets, [0, 0]);
     assert!(st.last_hit_ns > 0);
+}
+
+/// IPv4 addresses are keyed v4-mapped (`::ffff:a.b.c.d`) in the ipcache and endpoint
+/// addresses, so an IPv6 packet carrying a v4-mapped address would resolve to an IPv4
+/// identity: an IPv6 sender could borrow the policy of any IPv4 peer (the model gives it
+/// the IPv6 identity of its longest IPv6 prefix). Such addresses are never valid on the wire
+/// (RFC 4291 2.5.5.2): the datapath drops them.
+#[test]
+fn ipv6_packets_with_v4_mapped_addresses_drop() {
+    let Some(e) = env("v4-mapped") else {
+        return;
+    };
+    let tables = base_tables(0);
+    let idx = tables.index();
+    let mapped_net = v4_mapped([10, 2, 0, 1]);
+    let q = FlowQuery {
+        slot: 0,
+        direction: DIR_INGRESS,
+        peer: IpAddr::from(mapped_net),
+        proto: 6,
+        port: 5432,
+    };
+    // The model: an IPv6 peer, judged by the IPv6 prefixes (::/0, the world): denied.
+    assert_eq!(idx.identity(&q.peer), WORLD);
+    assert_eq!(idx.decide(&q).unwrap().action, ACTION_DENY);
+    // 10.2.0.1 itself is allowed on 5432; its v4-mapped IPv6 twin must not be.
+    assert_eq!(e.vm_receives(&in4([10, 2, 0, 1], 6, syn(5432))), PASS);
+    let [ext] = e.delta([STAT_DROP_IPV6_EXT], || {
+        assert_eq!(e.vm_receives(&in6(mapped_net, 6, syn(5432))), TC_ACT_SHOT);
+        // Towards a v4-mapped destination, and from a v4-mapped form of the VM's own
+        // IPv4 address (which EP_ADDRS holds in that form).
+        let to_mapped = out6(mapped_net, 6, syn(443));
+        assert_eq!(e.vm_sends(&to_mapped), TC_ACT_SHOT);
+        let from_mapped = v6(
+            VM_MAC,
+            PEER_MAC,
+            v4_mapped(VM4),
+            a6([0x2001, 0xdb8, 0xff, 0], 1),
+            6,
+            syn(443),
+        );
+        assert_eq!(e.vm_sends(&from_mapped), TC_ACT_SHOT);
+    });
+    assert_eq!(ext, 3);
+    // An ICMPv6 error quoting a v4-mapped packet would name a tracked IPv4 flow's conntrack
+    // entry: it is not taken as a quote (and is judged, here denied, as ICMPv6).
+    let peer4 = [203, 0, 113, 53];
+    assert_eq!(e.vm_sends(&out4(peer4, 17, udp(33000, 53, b"q"))), PASS);
+    let quote = ipv6_packet(
+        v4_mapped(VM4),
+        v4_mapped(peer4),
+        17,
+        &[],
+        17,
+        udp(33000, 53, b""),
+        false,
+    );
+    let router6 = a6([0x2001, 0xdb8, 0xff, 0], 1);
+    let err = in6(router6, 58, icmp(1, 4, [0; 4], &quote));
+    let [hit] = e.delta([STAT_CT_HIT], || {
+        assert_eq!(e.vm_receives(&err), TC_ACT_SHOT)
+    });
+    assert_eq!(hit, 0);
 }
