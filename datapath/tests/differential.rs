@@ -112,18 +112,44 @@ fn random_tables(rng: &mut Rng) -> HostTables {
             | if rng.chance(20) { EP_INFRA_SERVER } else { 0 };
         t.endpoints.push(endpoint(i, flags));
     }
-    // The two defaults (the contract says they should exist), then random prefixes.
+    // The two defaults (the contract says they should exist, but either may be missing),
+    // then random prefixes.
     let identity = |rng: &mut Rng| rng.range(0, u64::from(IDENTITIES)) as u32;
-    t.ipcache.push(IpcacheEntry {
-        addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        prefix_len: 0,
-        identity: identity(rng),
-    });
-    t.ipcache.push(IpcacheEntry {
-        addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        prefix_len: 0,
-        identity: identity(rng),
-    });
+    if rng.chance(75) {
+        t.ipcache.push(IpcacheEntry {
+            addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            prefix_len: 0,
+            identity: identity(rng),
+        });
+    }
+    if rng.chance(75) {
+        t.ipcache.push(IpcacheEntry {
+            addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            prefix_len: 0,
+            identity: identity(rng),
+        });
+    }
+    // IPv6 prefixes that cover the v4-mapped space the datapath keys IPv4 in: a short
+    // all-zero one, and one inside ::ffff:10.0.0.0/104.
+    if rng.chance(20) {
+        t.ipcache.push(IpcacheEntry {
+            addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            prefix_len: rng.range(1, 96) as u8,
+            identity: identity(rng),
+        });
+    }
+    if rng.chance(20) {
+        let len = rng.range(104, 128) as u32;
+        let a = mask(
+            u128::from(Ipv4Addr::new(10, 0, 0, 0).to_ipv6_mapped()) | u128::from(rng.next() as u16),
+            len,
+        );
+        t.ipcache.push(IpcacheEntry {
+            addr: IpAddr::V6(a.into()),
+            prefix_len: len as u8,
+            identity: identity(rng),
+        });
+    }
     let mut seen = BTreeSet::new();
     for _ in 0..rng.range(3, 10) {
         // Nested prefixes are likely: a few /8 bases, random lengths.

@@ -1928,3 +1928,46 @@ fn ipv6_packets_with_v4_mapped_addresses_drop() {
     });
     assert_eq!(hit, 0);
 }
+
+/// The ipcache keys IPv4 v4-mapped, which `::/0` (and any short all-zero IPv6 prefix, or a
+/// prefix inside `::ffff:0:0/96`) covers. Tables without an IPv4 default must still resolve
+/// an IPv4 address outside every IPv4 prefix to `IDENTITY_ANY`, as the model does — not to
+/// the identity of an IPv6 prefix.
+#[test]
+fn ipv4_peers_never_take_an_ipv6_prefix_identity() {
+    let mut t = base_tables(0);
+    // No 0.0.0.0/0; ::/0 is the trusted identity (any protocol allowed); a v4-mapped IPv6
+    // prefix claims 203.0.113.0/24's mapped form for the trusted identity too.
+    t.ipcache
+        .retain(|e| !(e.addr.is_ipv4() && e.prefix_len == 0));
+    for e in &mut t.ipcache {
+        if e.addr.is_ipv6() && e.prefix_len == 0 {
+            e.identity = ID_TRUSTED;
+        }
+    }
+    t.ipcache.push(ipc("::ffff:203.0.113.0", 120, ID_TRUSTED));
+    let Some(e) = env_with("v6-prefix-v4-peer", t.clone()) else {
+        return;
+    };
+    let idx = t.index();
+    for (peer, port) in [([198, 18, 0, 1], 22), ([203, 0, 113, 5], 22)] {
+        let q = FlowQuery {
+            slot: 0,
+            direction: DIR_INGRESS,
+            peer: IpAddr::from(peer),
+            proto: 6,
+            port,
+        };
+        assert_eq!(idx.identity(&q.peer), IDENTITY_ANY);
+        assert_eq!(idx.decide(&q).unwrap().action, ACTION_DENY);
+        assert_eq!(
+            e.vm_receives(&in4(peer, 6, syn(port))),
+            TC_ACT_SHOT,
+            "{peer:?}"
+        );
+    }
+    // IPv6 peers still get ::/0's identity, IPv4 prefixes still work.
+    let v6peer = a6([0x2001, 0xdb8, 0xff, 0], 1);
+    assert_eq!(e.vm_receives(&in6(v6peer, 6, syn(22))), PASS);
+    assert_eq!(e.vm_receives(&in4([10, 2, 0, 1], 6, syn(5432))), PASS);
+}
