@@ -1599,7 +1599,7 @@ fn event_rate_limit_counts_every_suppressed_event() {
     };
     let mut ev = events(&mut e);
     // The budget is per CPU: run every packet on one CPU so the arithmetic is exact.
-    pin_to_cpu0();
+    pin_to_current_cpu();
     e.t.set_posture(BOOTSTRAP_DENY, 3).unwrap();
     const TOTAL: u64 = 40;
     let deny = || in4([10, 1, 0, 1], 6, syn(5432));
@@ -1630,12 +1630,17 @@ fn event_rate_limit_counts_every_suppressed_event() {
     );
 }
 
-fn pin_to_cpu0() {
+/// Keep the calling thread on the CPU it is on now (BPF_PROG_TEST_RUN runs the program on
+/// the caller's CPU, so every run then shares one per-CPU budget).
+fn pin_to_current_cpu() {
     // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
     unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu");
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "sched_setaffinity");
     }
 }
 
