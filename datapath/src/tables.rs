@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::Key as LpmKey;
 use aya::maps::{MapError, PerCpuValues};
-use bulkhead_abi::model::HostTables;
+use bulkhead_abi::model::{HostTables, IpcacheEntry};
 use bulkhead_abi::*;
 
 use crate::{DatapathError, Maps};
@@ -292,10 +292,25 @@ impl Tables {
                 img.addrs.insert((slot, addr16(a)));
             }
         }
-        for e in &tables.ipcache {
+        // IPv4 is keyed v4-mapped, inside `::/0` and `::ffff:0:0/96`. An IPv6 prefix inside
+        // the latter can only ever match IPv4 packets (the datapath drops IPv6 packets with
+        // v4-mapped addresses): it is not written. And an IPv4 default is always written
+        // (`IDENTITY_ANY` unless the tables name one), so an IPv4 address outside every IPv4
+        // prefix never takes the identity of a shorter IPv6 prefix such as `::/0`.
+        let v4_default = IpcacheEntry {
+            addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            prefix_len: 0,
+            identity: IDENTITY_ANY,
+        };
+        for e in std::iter::once(&v4_default).chain(&tables.ipcache) {
             let max = if e.addr.is_ipv4() { 32 } else { 128 };
             if e.prefix_len > max {
                 return bad(format!("ipcache prefix {}/{}", e.addr, e.prefix_len));
+            }
+            if let IpAddr::V6(a) = e.addr {
+                if e.prefix_len >= 96 && a.to_ipv4_mapped().is_some() {
+                    continue;
+                }
             }
             let (bits, key) = e.lpm_key(0);
             let addr_bits = bits - IPCACHE_GEN_BITS;

@@ -5,6 +5,10 @@
 //! - IPv4 options: skipped via IHL, the packet is judged like any other;
 //! - IPv6 extension headers: walked (at most `MAX_EXT_HEADERS`); routing header type 0 and
 //!   longer chains are dropped (`STAT_DROP_IPV6_EXT`);
+//! - IPv6 packets with an IPv4-mapped source or destination (`::ffff:0:0/96`): dropped
+//!   (`STAT_DROP_IPV6_EXT`). IPv4 is keyed in that form (ipcache, endpoint addresses,
+//!   conntrack), so such an address would borrow an IPv4 peer's identity and policy; they
+//!   are never valid on the wire (RFC 4291 2.5.5.2);
 //! - fragments: the first fragment is judged on its ports; later fragments pass only if the
 //!   first fragment of the same datagram was allowed (`FRAGS`), else drop;
 //! - non-IP frames other than ARP: drop (`STAT_DROP_NON_IP`).
@@ -198,6 +202,10 @@ fn parse_v6(ctx: &TcContext, p: &mut Pkt) -> Result<(), u32> {
     *p = Pkt::empty(6);
     p.src = ip.src;
     p.dst = ip.dst;
+    // Checked on the scratch copy: no extra stack in this frame.
+    if is_v4_mapped(&p.src) || is_v4_mapped(&p.dst) {
+        return Err(STAT_DROP_IPV6_EXT);
+    }
     let mut nh = ip.nexthdr;
     let mut off = ETH_HLEN + 40;
     let mut payload = u32::from(be16(ip.payload_len));
@@ -327,6 +335,10 @@ fn parse_inner(ctx: &TcContext, p: &Pkt, inner: &mut Pkt) -> Result<(), u32> {
         let ip: Ipv6Hdr = ctx.load(off as usize).map_err(|_| STAT_DROP_TRUNCATED)?;
         inner.src = ip.src;
         inner.dst = ip.dst;
+        // Would name an IPv4 flow's conntrack entry: not a quote of any IPv6 flow of ours.
+        if is_v4_mapped(&inner.src) || is_v4_mapped(&inner.dst) {
+            return Err(STAT_DROP_IPV6_EXT);
+        }
         inner.proto = ip.nexthdr;
         l4_off = off + 40;
     }
@@ -346,6 +358,13 @@ fn parse_inner(ctx: &TcContext, p: &Pkt, inner: &mut Pkt) -> Result<(), u32> {
         _ => {}
     }
     Ok(())
+}
+
+/// `::ffff:0:0/96`, the form IPv4 addresses take in keys.
+#[inline(always)]
+pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    let (hi, lo) = split16(a);
+    hi == 0 && lo >> 32 == 0xffff
 }
 
 /// Byte-wise equality without `memcmp` (not available to eBPF).
