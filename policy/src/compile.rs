@@ -1,0 +1,538 @@
+//! The compiler: [`Resolved`] → one [`HostTables`] per host.
+//!
+//! Per host: (1) the ordered entry list of every (VM, direction); (2) identities = classes of
+//! addresses with the same membership in every peer set those lists use; (3) port classes =
+//! classes of ports with the same membership in every port range used; (4) for every
+//! (VM, direction, identity) the first-match walk with tiers and pass, per protocol and port
+//! class, collapsed into the three lookup levels; the most common identity result goes under
+//! `IDENTITY_ANY`.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use bulkhead_abi::model::{EndpointTable, HostTables, IpcacheEntry, PortClassRange};
+use bulkhead_abi::*;
+use sha2::{Digest, Sha256};
+
+use crate::load::{Entry, RAction, Resolved, SvcEntry};
+use crate::net::{fmt_mac, Net};
+use crate::types::DefaultAction;
+
+/// A compiled revision: tables per host, and content hashes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compiled {
+    /// sha256 over the canonical encoding of every host's tables, in host order.
+    pub revision: String,
+    pub hosts: BTreeMap<String, HostOutput>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostOutput {
+    pub tables: HostTables,
+    /// sha256 of this host's canonical encoding.
+    pub revision: String,
+    /// Per slot: (VM index, interface index) in [`Resolved::vms`].
+    pub slots: Vec<(usize, usize)>,
+}
+
+pub fn compile(res: &Resolved) -> Compiled {
+    let mut hosts = BTreeMap::new();
+    let mut h = Sha256::new();
+    for host in res.hosts() {
+        let out = compile_host(res, &host);
+        h.update(host.as_bytes());
+        h.update([0]);
+        h.update(out.revision.as_bytes());
+        hosts.insert(host, out);
+    }
+    Compiled {
+        revision: hex(&h.finalize()),
+        hosts,
+    }
+}
+
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Canonical byte encoding of a host's tables (the input of the revision hash).
+pub fn canonical_bytes(t: &HostTables) -> Vec<u8> {
+    let mut b = Vec::new();
+    let s = |b: &mut Vec<u8>, x: &str| {
+        b.extend((x.len() as u32).to_le_bytes());
+        b.extend(x.as_bytes());
+    };
+    let ip = |b: &mut Vec<u8>, a: &IpAddr| match a {
+        IpAddr::V4(v) => {
+            b.push(4);
+            b.extend(v.octets());
+        }
+        IpAddr::V6(v) => {
+            b.push(6);
+            b.extend(v.octets());
+        }
+    };
+    b.extend(b"bulkhead-tables-v1");
+    b.extend((t.endpoints.len() as u32).to_le_bytes());
+    for e in &t.endpoints {
+        s(&mut b, &e.id);
+        b.extend(e.mac);
+        b.extend((e.addrs.len() as u32).to_le_bytes());
+        for a in &e.addrs {
+            ip(&mut b, a);
+        }
+        b.extend(e.flags.to_le_bytes());
+    }
+    b.extend((t.ipcache.len() as u32).to_le_bytes());
+    for e in &t.ipcache {
+        ip(&mut b, &e.addr);
+        b.push(e.prefix_len);
+        b.extend(e.identity.to_le_bytes());
+    }
+    b.extend((t.port_classes.len() as u32).to_le_bytes());
+    for r in &t.port_classes {
+        b.extend(r.kind.to_le_bytes());
+        b.extend(r.first.to_le_bytes());
+        b.extend(r.last.to_le_bytes());
+        b.extend(r.class.to_le_bytes());
+    }
+    b.extend((t.policy.len() as u32).to_le_bytes());
+    for (k, v) in &t.policy {
+        b.extend(k.slot.to_le_bytes());
+        b.push(k.direction);
+        b.extend(k.identity.to_le_bytes());
+        b.push(k.proto);
+        b.extend(k.port_class.to_le_bytes());
+        b.push(v.action);
+        b.push(v.flags);
+        b.extend(v.rule.to_le_bytes());
+    }
+    b.extend((t.rules.len() as u32).to_le_bytes());
+    for r in &t.rules {
+        s(&mut b, r);
+    }
+    b
+}
+
+/// Map a language action to the datapath verdict (monitor policies never drop).
+pub(crate) fn verdict_of(e: &Entry) -> Verdict {
+    let action = match (e.action, e.monitor) {
+        (RAction::Allow, _) => ACTION_ALLOW,
+        (RAction::Deny | RAction::Reject, true) => ACTION_MONITOR,
+        (RAction::Deny, false) => ACTION_DENY,
+        (RAction::Reject, false) => ACTION_REJECT,
+        (RAction::Pass, _) => unreachable!("pass is not a final verdict"),
+    };
+    Verdict::new(action, if e.log { VERDICT_LOG } else { 0 }, e.rule_index)
+}
+
+pub(crate) fn default_verdict(res: &Resolved) -> Verdict {
+    let a = match res.default_action {
+        DefaultAction::Deny => ACTION_DENY,
+        DefaultAction::Reject => ACTION_REJECT,
+        DefaultAction::Allow => ACTION_ALLOW,
+    };
+    Verdict::new(a, 0, RULE_DEFAULT)
+}
+
+/// Port classes of one kind: class id → the distinct ranges (indices) it lies in.
+struct PortClasses {
+    /// Distinct ranges per kind.
+    ranges: [Vec<(u16, u16)>; 2],
+    /// class id → sorted range indices (of its kind); index 0 = class 0 (no range).
+    classes: Vec<(u32, Vec<u32>)>,
+    table: Vec<PortClassRange>,
+}
+
+impl PortClasses {
+    fn build(svcs: &BTreeSet<SvcEntry>) -> PortClasses {
+        let mut ranges: [Vec<(u16, u16)>; 2] = [vec![], vec![]];
+        for e in svcs {
+            if let (Some(p), Some(r)) = (e.proto, e.range) {
+                if let Some(k) = port_kind(p) {
+                    ranges[k as usize].push(r);
+                }
+            }
+        }
+        for r in &mut ranges {
+            r.sort();
+            r.dedup();
+        }
+        let mut classes: Vec<(u32, Vec<u32>)> = vec![(0, vec![])];
+        let mut table = Vec::new();
+        let mut ids: HashMap<(u32, Vec<u32>), u32> = HashMap::new();
+        for kind in 0..2u32 {
+            let rs = &ranges[kind as usize];
+            let mut cuts: BTreeSet<u32> = BTreeSet::new();
+            cuts.insert(0);
+            cuts.insert(65536);
+            for &(a, b) in rs {
+                cuts.insert(u32::from(a));
+                cuts.insert(u32::from(b) + 1);
+            }
+            let cuts: Vec<u32> = cuts.into_iter().collect();
+            for w in cuts.windows(2) {
+                let (s, e) = (w[0], w[1] - 1);
+                let vec: Vec<u32> = rs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &(a, b))| u32::from(a) <= s && e <= u32::from(b))
+                    .map(|(i, _)| i as u32)
+                    .collect();
+                if vec.is_empty() {
+                    continue;
+                }
+                let n = classes.len() as u32;
+                let id = *ids.entry((kind, vec.clone())).or_insert_with(|| {
+                    classes.push((kind, vec));
+                    n
+                });
+                match table.last_mut() {
+                    Some(PortClassRange {
+                        kind: k,
+                        last,
+                        class,
+                        ..
+                    }) if *k == kind && *class == id && u32::from(*last) + 1 == s => {
+                        *last = e as u16;
+                    }
+                    _ => table.push(PortClassRange {
+                        kind,
+                        first: s as u16,
+                        last: e as u16,
+                        class: id,
+                    }),
+                }
+            }
+        }
+        PortClasses {
+            ranges,
+            classes,
+            table,
+        }
+    }
+
+    /// Classes of a kind (always including class 0).
+    fn of_kind(&self, kind: u32) -> Vec<u32> {
+        let mut v = vec![0];
+        v.extend(
+            self.classes
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter(|(_, (k, _))| *k == kind)
+                .map(|(i, _)| i as u32),
+        );
+        v
+    }
+
+    fn contains(&self, kind: u32, class: u32, range: (u16, u16)) -> bool {
+        if class == 0 {
+            return false;
+        }
+        let Ok(ri) = self.ranges[kind as usize].binary_search(&range) else {
+            return false;
+        };
+        self.classes[class as usize]
+            .1
+            .binary_search(&(ri as u32))
+            .is_ok()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum P2 {
+    Plain(Verdict),
+    Refine(Verdict, Vec<(u32, Verdict)>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct IdStruct {
+    other: Verdict,
+    protos: Vec<(u8, P2)>,
+}
+
+/// First-match walk over `entries` (already filtered to the peer), for `proto` (None = a
+/// protocol no rule names) and port class `class`.
+fn walk(
+    res: &Resolved,
+    entries: &[&Entry],
+    proto: Option<u8>,
+    class: u32,
+    pc: &PortClasses,
+    default: Verdict,
+) -> Verdict {
+    let mut skip: Option<usize> = None;
+    for e in entries {
+        if skip.is_some() && e.tier == skip {
+            continue;
+        }
+        let svc = res.entry_svc(e);
+        let m = svc.is_empty()
+            || svc.iter().any(|s| match (s.proto, proto) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(a), Some(p)) if a != p => false,
+                (Some(_), Some(p)) => match s.range {
+                    None => true,
+                    Some(r) => port_kind(p).is_some_and(|k| pc.contains(k, class, r)),
+                },
+            });
+        if !m {
+            continue;
+        }
+        if e.action == RAction::Pass {
+            skip = e.tier;
+            continue;
+        }
+        return verdict_of(e);
+    }
+    default
+}
+
+pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
+    let default = default_verdict(res);
+    let vms: Vec<usize> = {
+        let mut v: Vec<usize> = (0..res.vms.len())
+            .filter(|&i| res.vms[i].host == host)
+            .collect();
+        v.sort_by(|&a, &b| res.vms[a].name.cmp(&res.vms[b].name));
+        v
+    };
+    // (1) entry lists.
+    let lists: Vec<[Vec<Entry>; 2]> = vms
+        .iter()
+        .map(|&v| [res.entries(v, DIR_EGRESS), res.entries(v, DIR_INGRESS)])
+        .collect();
+    // (2) identities.
+    let mut used: BTreeSet<usize> = BTreeSet::new();
+    let mut svcs: BTreeSet<SvcEntry> = BTreeSet::new();
+    for l in lists.iter().flatten().flatten() {
+        if l.peers != usize::MAX {
+            used.insert(l.peers);
+        }
+        svcs.extend(res.entry_svc(l).iter().copied());
+    }
+    let used: Vec<usize> = used.into_iter().collect();
+    let local: HashMap<usize, u32> = used
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| (s, i as u32))
+        .collect();
+    // prefix → annotations (local set, block, is_except)
+    let mut ann: HashMap<Net, Vec<(u32, u32, bool)>> = HashMap::new();
+    ann.entry(Net::all_v4()).or_default();
+    ann.entry(Net::all_v6()).or_default();
+    for (li, &s) in used.iter().enumerate() {
+        for (bi, (n, ex)) in res.sets[s].blocks.iter().enumerate() {
+            ann.entry(*n)
+                .or_default()
+                .push((li as u32, bi as u32, false));
+            for e in ex {
+                ann.entry(*e)
+                    .or_default()
+                    .push((li as u32, bi as u32, true));
+            }
+        }
+    }
+    let mut prefixes: Vec<Net> = ann.keys().copied().collect();
+    prefixes.sort_by(|a, b| (a.len, a).cmp(&(b.len, b)));
+    let mut id_of_members: HashMap<Vec<u32>, u32> = HashMap::new();
+    let mut members: Vec<Vec<u32>> = vec![vec![]]; // index = identity; 0 unused
+    let mut prefix_id: HashMap<Net, u32> = HashMap::new();
+    let mut ipcache = Vec::new();
+    let mut kept: HashMap<Net, u32> = HashMap::new();
+    for x in &prefixes {
+        let mut pos: BTreeSet<(u32, u32)> = BTreeSet::new();
+        let mut neg: BTreeSet<(u32, u32)> = BTreeSet::new();
+        for l in 0..=x.len {
+            let a = Net::new(x.addr, l);
+            if let Some(v) = ann.get(&a) {
+                for &(s, b, ex) in v {
+                    if ex {
+                        neg.insert((s, b));
+                    } else {
+                        pos.insert((s, b));
+                    }
+                }
+            }
+        }
+        let mut m: Vec<u32> = pos.difference(&neg).map(|&(s, _)| s).collect();
+        m.dedup();
+        let n = members.len() as u32;
+        let id = *id_of_members.entry(m.clone()).or_insert_with(|| {
+            members.push(m);
+            n
+        });
+        prefix_id.insert(*x, id);
+        // Drop entries that resolve to the same identity as their LPM parent.
+        let parent = (0..x.len)
+            .rev()
+            .find_map(|l| kept.get(&Net::new(x.addr, l)).copied());
+        if parent != Some(id) {
+            kept.insert(*x, id);
+            ipcache.push(IpcacheEntry {
+                addr: x.addr,
+                prefix_len: x.len,
+                identity: id,
+            });
+        }
+    }
+    ipcache.sort();
+    let nids = members.len() as u32 - 1;
+    // inverted index: local set → identities containing it
+    let mut inv: Vec<Vec<u32>> = vec![vec![]; used.len()];
+    for (id, m) in members.iter().enumerate().skip(1) {
+        for &s in m {
+            inv[s as usize].push(id as u32);
+        }
+    }
+    // (3) port classes.
+    let pc = PortClasses::build(&svcs);
+    let protos: BTreeSet<u8> = svcs.iter().filter_map(|s| s.proto).collect();
+    let kind_classes = [pc.of_kind(0), pc.of_kind(1)];
+    // (4) per endpoint.
+    let mut endpoints = Vec::new();
+    let mut slots = Vec::new();
+    let mut policy = Vec::new();
+    for (vi, &v) in vms.iter().enumerate() {
+        let vm = &res.vms[v];
+        let shared: Vec<IpAddr> = vm
+            .addrs
+            .iter()
+            .filter(|a| !vm.interfaces.iter().any(|(_, ips)| ips.contains(a)))
+            .copied()
+            .collect();
+        let mut flags = 0;
+        if res.monitor_vms.contains(&v) {
+            flags |= EP_MONITOR;
+        }
+        if vm.infra_server {
+            flags |= EP_INFRA_SERVER;
+        }
+        let first_slot = endpoints.len() as u32;
+        for (ii, (mac, ips)) in vm.interfaces.iter().enumerate() {
+            let mut addrs = ips.clone();
+            addrs.extend(shared.iter().copied());
+            endpoints.push(EndpointTable {
+                id: format!("{}/{}", vm.name, fmt_mac(mac)),
+                mac: *mac,
+                addrs,
+                flags,
+            });
+            slots.push((v, ii));
+        }
+        let nslots = vm.interfaces.len() as u32;
+        for (di, dir) in [DIR_EGRESS, DIR_INGRESS].into_iter().enumerate() {
+            let list = &lists[vi][di];
+            // entry indices per identity
+            let mut per_id: Vec<Vec<u32>> = vec![vec![]; nids as usize + 1];
+            for (j, e) in list.iter().enumerate() {
+                if e.peers == usize::MAX {
+                    for p in per_id.iter_mut().skip(1) {
+                        p.push(j as u32);
+                    }
+                } else {
+                    for &id in &inv[local[&e.peers] as usize] {
+                        per_id[id as usize].push(j as u32);
+                    }
+                }
+            }
+            let mut memo: HashMap<&Vec<u32>, IdStruct> = HashMap::new();
+            let mut structs: Vec<IdStruct> = vec![];
+            for ids in per_id.iter().skip(1) {
+                let st = memo
+                    .entry(ids)
+                    .or_insert_with(|| {
+                        let es: Vec<&Entry> = ids.iter().map(|&j| &list[j as usize]).collect();
+                        let other = walk(res, &es, None, 0, &pc, default);
+                        let mut ps = Vec::new();
+                        for &p in &protos {
+                            let p2 = match port_kind(p) {
+                                None => P2::Plain(walk(res, &es, Some(p), 0, &pc, default)),
+                                Some(k) => {
+                                    let cls = &kind_classes[k as usize];
+                                    let vs: Vec<(u32, Verdict)> = cls
+                                        .iter()
+                                        .map(|&c| (c, walk(res, &es, Some(p), c, &pc, default)))
+                                        .collect();
+                                    let v0 = vs[0].1;
+                                    let diff: Vec<(u32, Verdict)> =
+                                        vs.into_iter().filter(|(_, v)| *v != v0).collect();
+                                    if diff.is_empty() {
+                                        P2::Plain(v0)
+                                    } else {
+                                        P2::Refine(v0, diff)
+                                    }
+                                }
+                            };
+                            if p2 != P2::Plain(other) {
+                                ps.push((p, p2));
+                            }
+                        }
+                        IdStruct { other, protos: ps }
+                    })
+                    .clone();
+                structs.push(st);
+            }
+            // Most common structure → IDENTITY_ANY.
+            let mut count: HashMap<&IdStruct, (usize, usize)> = HashMap::new();
+            for (i, s) in structs.iter().enumerate() {
+                count.entry(s).or_insert((0, i)).0 += 1;
+            }
+            let any = count
+                .iter()
+                .max_by(|a, b| a.1 .0.cmp(&b.1 .0).then(b.1 .1.cmp(&a.1 .1)))
+                .map(|(s, _)| (*s).clone())
+                .unwrap_or(IdStruct {
+                    other: default,
+                    protos: vec![],
+                });
+            for slot in first_slot..first_slot + nslots {
+                emit(&mut policy, slot, dir, IDENTITY_ANY, &any);
+                for (i, s) in structs.iter().enumerate() {
+                    if *s != any {
+                        emit(&mut policy, slot, dir, i as u32 + 1, s);
+                    }
+                }
+            }
+        }
+    }
+    policy.sort_by(|a: &(PolicyKey, Verdict), b| a.0.cmp(&b.0));
+    let tables = HostTables {
+        endpoints,
+        ipcache,
+        port_classes: pc.table,
+        policy,
+        rules: res.rule_ids(),
+    };
+    let revision = hex(&Sha256::digest(canonical_bytes(&tables)));
+    HostOutput {
+        tables,
+        revision,
+        slots,
+    }
+}
+
+fn refine(v: Verdict) -> Verdict {
+    Verdict::new(v.action, v.flags | VERDICT_REFINE, v.rule)
+}
+
+fn emit(out: &mut Vec<(PolicyKey, Verdict)>, slot: u32, dir: u8, id: u32, s: &IdStruct) {
+    let k = |proto, class| PolicyKey::new(0, slot, dir, id, proto, class);
+    if s.protos.is_empty() {
+        out.push((k(PROTO_ANY, PORT_CLASS_ANY), s.other));
+        return;
+    }
+    out.push((k(PROTO_ANY, PORT_CLASS_ANY), refine(s.other)));
+    for (p, p2) in &s.protos {
+        match p2 {
+            P2::Plain(v) => out.push((k(*p, PORT_CLASS_ANY), *v)),
+            P2::Refine(v0, cls) => {
+                out.push((k(*p, PORT_CLASS_ANY), refine(*v0)));
+                for (c, v) in cls {
+                    out.push((k(*p, *c), *v));
+                }
+            }
+        }
+    }
+}
