@@ -81,6 +81,26 @@ impl Source {
         self.find(value)
     }
 
+    /// Like [`Source::locate`], but the first match at or after line `from` (1-based).
+    pub fn locate_from(&self, from: usize, key: &str, value: &str) -> (usize, usize) {
+        let rest: String = self
+            .text
+            .lines()
+            .skip(from.saturating_sub(1))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let sub = Source {
+            path: self.path.clone(),
+            text: rest,
+        };
+        let (l, c) = sub.locate(key, value, 0);
+        if (l, c) == (1, 1) {
+            self.locate(key, value, 0)
+        } else {
+            (l + from - 1, c)
+        }
+    }
+
     /// Line and column of the first occurrence of `needle`.
     pub fn find(&self, needle: &str) -> (usize, usize) {
         if !needle.is_empty() {
@@ -571,7 +591,8 @@ impl<'a> Resolver<'a> {
                 (vec![], DefaultAction::Deny)
             }
         };
-        // Named groups and services (duplicates reported).
+        // Named groups and services (duplicates reported; their bodies still checked).
+        let mut dup_groups: Vec<(&Source, &Group)> = Vec::new();
         for (src, f) in &set.files {
             for (n, g) in f.groups.iter().enumerate() {
                 let _ = n;
@@ -584,6 +605,7 @@ impl<'a> Resolver<'a> {
                         at,
                         format!("group `{}` is defined twice (also in {o})", g.name),
                     );
+                    dup_groups.push((src, g));
                 } else {
                     self.groups.insert(g.name.clone(), (src, g));
                 }
@@ -615,6 +637,11 @@ impl<'a> Resolver<'a> {
             let vms: Vec<usize> = vms.into_iter().collect();
             let id = self.intern(AddrSet { blocks });
             groups_out.push((n, vms, id));
+        }
+        for (src, g) in dup_groups {
+            for m in &g.members {
+                let _ = self.peer(src, m, &mut vec![g.name.clone()]);
+            }
         }
         self.used_groups.clear();
         // Shared addresses and system endpoints, monitor endpoints.
@@ -721,7 +748,8 @@ impl<'a> Resolver<'a> {
                     );
                 }
                 if let Some(o) = prio.get(&(p.tier.clone(), p.priority)) {
-                    let at = src.locate("priority", &p.priority.to_string(), 0);
+                    let from = src.locate("name", &p.name, 0).0;
+                    let at = src.locate_from(from, "priority", &p.priority.to_string());
                     self.err(src, at, format!("policy `{}` has priority {} in tier `{}`, the same as policy `{o}`; give each policy of a tier its own priority so the order is unambiguous", p.name, p.priority, p.tier));
                 } else {
                     prio.insert((p.tier.clone(), p.priority), p.name.clone());
@@ -897,14 +925,14 @@ impl<'a> Resolver<'a> {
             let mut addrs = Vec::new();
             for i in &vm.interfaces {
                 let mac = match parse_mac(&i.mac) {
-                    Ok(m) => m,
+                    Ok(m) => Some(m),
                     Err(e) => {
                         let at = src.locate("mac", &i.mac, 0);
                         self.err(src, at, format!("VM `{}`: {e}", vm.name));
-                        continue;
+                        None
                     }
                 };
-                if let Some(o) = macs.insert(mac, vm.name.clone()) {
+                if let Some(o) = mac.and_then(|m| macs.insert(m, vm.name.clone())) {
                     let at = src.locate("mac", &i.mac, 1);
                     self.err(
                         src,
@@ -933,7 +961,9 @@ impl<'a> Resolver<'a> {
                         }
                     }
                 }
-                ifs.push((mac, ips));
+                if let Some(mac) = mac {
+                    ifs.push((mac, ips));
+                }
             }
             self.vm_by_name.insert(vm.name.clone(), self.vms.len());
             self.vms.push(VmR {
@@ -1100,6 +1130,7 @@ impl<'a> Resolver<'a> {
                 None => {
                     bad = true;
                     let at = src.locate("ports", &text, 0);
+                    let at = (at.0, at.1 + text.find(part).unwrap_or(0));
                     self.err(src, at, format!("`{part}` is not a port or port range: ports are 1-65535, ranges `low-high` with low <= high, separated by commas"));
                 }
             }
@@ -1185,7 +1216,8 @@ impl<'a> Resolver<'a> {
                 known.sort();
                 let hint = known
                     .iter()
-                    .find(|k| k.contains(g.as_str()) || g.contains(k.as_str()))
+                    .filter(|k| edit_distance(k, g) <= 2)
+                    .min_by_key(|k| edit_distance(k, g))
                     .map(|k| format!("; did you mean `{k}`?"))
                     .unwrap_or_default();
                 self.err(src, at, format!("group `{g}` is not defined{hint}"));
@@ -1292,4 +1324,19 @@ pub fn label_match(
             LabelOp::Exists => have.contains_key(&e.key),
             LabelOp::DoesNotExist => !have.contains_key(&e.key),
         })
+}
+
+/// Levenshtein distance (for "did you mean" hints).
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
