@@ -3,8 +3,10 @@
 //! ([`eval`]), the linter ([`lint`]) and plan/diff ([`plan`]).
 pub mod compile;
 pub mod eval;
+pub mod lint;
 pub mod load;
 pub mod net;
+pub mod plan;
 pub mod types;
 
 pub use bulkhead_abi::port_kind;
