@@ -50,7 +50,13 @@ pub fn lint(set: &PolicySet, res: &Resolved, compiled: &Compiled) -> Vec<Finding
             continue;
         }
         if res.sets[r.peers].blocks.is_empty() {
-            out.push(f("no-peer", format!("rule `{}`: its peers select no VM and no address; the rule can never match", r.id)));
+            out.push(f(
+                "no-peer",
+                format!(
+                    "rule `{}`: its peers select no VM and no address; the rule can never match",
+                    r.id
+                ),
+            ));
             continue;
         }
         if r.action != RAction::Pass && !deciding.contains(&((base + i) as u32)) {
@@ -84,7 +90,13 @@ pub fn lint(set: &PolicySet, res: &Resolved, compiled: &Compiled) -> Vec<Finding
             if broad_peer && ports > 1024 {
                 out.push(f("over-broad", format!("rule `{}` allows {} from/to any address; name the peers and services it needs", r.id, if ports == u32::MAX { "every protocol" } else { "over 1024 ports" })));
             } else if ports == u32::MAX {
-                out.push(f("over-broad", format!("rule `{}` allows every protocol and port; name the services it needs", r.id)));
+                out.push(f(
+                    "over-broad",
+                    format!(
+                        "rule `{}` allows every protocol and port; name the services it needs",
+                        r.id
+                    ),
+                ));
             }
         }
     }
@@ -93,7 +105,11 @@ pub fn lint(set: &PolicySet, res: &Resolved, compiled: &Compiled) -> Vec<Finding
     let mut used = BTreeSet::new();
     for (_, f) in &set.files {
         for p in &f.policies {
-            for x in p.applies_to.iter().chain(p.ingress.iter().chain(&p.egress).flat_map(|r| &r.peers)) {
+            for x in p
+                .applies_to
+                .iter()
+                .chain(p.ingress.iter().chain(&p.egress).flat_map(|r| &r.peers))
+            {
                 walk_peer_groups(x, &mut used);
             }
         }
@@ -101,7 +117,9 @@ pub fn lint(set: &PolicySet, res: &Resolved, compiled: &Compiled) -> Vec<Finding
             q.allow.iter().for_each(|x| walk_peer_groups(x, &mut used));
         }
         if let Some(s) = &f.settings {
-            s.monitor_endpoints.iter().for_each(|x| walk_peer_groups(x, &mut used));
+            s.monitor_endpoints
+                .iter()
+                .for_each(|x| walk_peer_groups(x, &mut used));
         }
     }
     // transitive
@@ -125,11 +143,29 @@ pub fn lint(set: &PolicySet, res: &Resolved, compiled: &Compiled) -> Vec<Finding
             let line = src.locate("name", &g.name, 0).0;
             let file = src.path.display().to_string();
             if !used.contains(&g.name) {
-                out.push(Finding { kind: "unused-group".into(), subject: g.name.clone(), file: file.clone(), line, message: format!("group `{}` is not used by any policy, quarantine or setting", g.name) });
+                out.push(Finding {
+                    kind: "unused-group".into(),
+                    subject: g.name.clone(),
+                    file: file.clone(),
+                    line,
+                    message: format!(
+                        "group `{}` is not used by any policy, quarantine or setting",
+                        g.name
+                    ),
+                });
             }
             if let Some((_, vms, set_id)) = res.groups.iter().find(|(n, _, _)| n == &g.name) {
                 if vms.is_empty() && res.sets[*set_id].blocks.is_empty() {
-                    out.push(Finding { kind: "empty-group".into(), subject: g.name.clone(), file, line, message: format!("group `{}` selects no VM of the inventory and no address", g.name) });
+                    out.push(Finding {
+                        kind: "empty-group".into(),
+                        subject: g.name.clone(),
+                        file,
+                        line,
+                        message: format!(
+                            "group `{}` selects no VM of the inventory and no address",
+                            g.name
+                        ),
+                    });
                 }
             }
         }

@@ -11,27 +11,51 @@ use bulkhead_policy::*;
 use proptest::prelude::*;
 
 const ADDRS: [&str; 12] = [
-    "10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3", "10.2.0.0/16", "192.168.0.0/16",
-    "0.0.0.0/0", "fd00::/8", "fd00:1::/32", "fd00:1::5", "::/0", "10.1.2.128/25",
+    "10.0.0.0/8",
+    "10.1.0.0/16",
+    "10.1.2.0/24",
+    "10.1.2.3",
+    "10.2.0.0/16",
+    "192.168.0.0/16",
+    "0.0.0.0/0",
+    "fd00::/8",
+    "fd00:1::/32",
+    "fd00:1::5",
+    "::/0",
+    "10.1.2.128/25",
 ];
 const LABELS: [(&str, &str); 4] = [("app", "a"), ("app", "b"), ("role", "db"), ("role", "web")];
 
 fn vm_strategy(i: usize) -> impl Strategy<Value = Vm> {
-    (proptest::collection::vec(0..LABELS.len(), 0..3), 0..2usize, 1..3usize).prop_map(move |(ls, host, nif)| {
-        let labels: BTreeMap<String, String> =
-            ls.into_iter().map(|l| (LABELS[l].0.to_string(), LABELS[l].1.to_string())).collect();
-        let interfaces = (0..nif)
-            .map(|k| Interface {
-                mac: format!("52:54:00:00:{:02x}:{:02x}", k, i),
-                ips: if k == 0 {
-                    vec![format!("10.1.2.{}", i + 1), format!("fd00:1::{:x}", i + 1)]
-                } else {
-                    vec![format!("10.2.0.{}", i + 1)]
-                },
-            })
-            .collect();
-        Vm { name: format!("vm{i}"), uuid: format!("u{i}"), labels, host: format!("h{host}"), interfaces, infra_server: false }
-    })
+    (
+        proptest::collection::vec(0..LABELS.len(), 0..3),
+        0..2usize,
+        1..3usize,
+    )
+        .prop_map(move |(ls, host, nif)| {
+            let labels: BTreeMap<String, String> = ls
+                .into_iter()
+                .map(|l| (LABELS[l].0.to_string(), LABELS[l].1.to_string()))
+                .collect();
+            let interfaces = (0..nif)
+                .map(|k| Interface {
+                    mac: format!("52:54:00:00:{:02x}:{:02x}", k, i),
+                    ips: if k == 0 {
+                        vec![format!("10.1.2.{}", i + 1), format!("fd00:1::{:x}", i + 1)]
+                    } else {
+                        vec![format!("10.2.0.{}", i + 1)]
+                    },
+                })
+                .collect();
+            Vm {
+                name: format!("vm{i}"),
+                uuid: format!("u{i}"),
+                labels,
+                host: format!("h{host}"),
+                interfaces,
+                infra_server: false,
+            }
+        })
 }
 
 fn peer_strategy(nvms: usize) -> impl Strategy<Value = Peer> {
@@ -40,7 +64,10 @@ fn peer_strategy(nvms: usize) -> impl Strategy<Value = Peer> {
             labels: Some([(LABELS[l].0.to_string(), LABELS[l].1.to_string())].into()),
             ..Default::default()
         }),
-        (0..nvms).prop_map(|v| Peer { vm: Some(format!("vm{v}")), ..Default::default() }),
+        (0..nvms).prop_map(|v| Peer {
+            vm: Some(format!("vm{v}")),
+            ..Default::default()
+        }),
         (0..ADDRS.len(), proptest::option::of(0..ADDRS.len())).prop_map(|(a, e)| {
             let cidr = ADDRS[a].to_string();
             let outer = bulkhead_policy::net::Net::parse(&cidr).unwrap();
@@ -52,11 +79,21 @@ fn peer_strategy(nvms: usize) -> impl Strategy<Value = Peer> {
                 })
                 .into_iter()
                 .collect();
-            Peer { ip_block: Some(IpBlock { cidr, except }), ..Default::default() }
+            Peer {
+                ip_block: Some(IpBlock { cidr, except }),
+                ..Default::default()
+            }
         }),
-        (0..2usize).prop_map(|_| Peer { group: Some("g".into()), ..Default::default() }),
+        (0..2usize).prop_map(|_| Peer {
+            group: Some("g".into()),
+            ..Default::default()
+        }),
         Just(Peer {
-            expressions: Some(vec![LabelExpr { key: "role".into(), operator: LabelOp::DoesNotExist, values: vec![] }]),
+            expressions: Some(vec![LabelExpr {
+                key: "role".into(),
+                operator: LabelOp::DoesNotExist,
+                values: vec![]
+            }]),
             ..Default::default()
         }),
     ]
@@ -64,39 +101,70 @@ fn peer_strategy(nvms: usize) -> impl Strategy<Value = Peer> {
 
 fn svc_strategy() -> impl Strategy<Value = ServiceRef> {
     prop_oneof![
-        (prop_oneof![Just("tcp"), Just("udp")], 1u32..30, 0u32..10).prop_map(|(p, a, w)| ServiceRef::Inline(PortSpec {
-            protocol: p.into(),
-            ports: Some(PortList::List(format!("{}-{}", a, a + w))),
-            icmp_type: None,
-            icmp_code: None,
-        })),
+        (prop_oneof![Just("tcp"), Just("udp")], 1u32..30, 0u32..10).prop_map(|(p, a, w)| {
+            ServiceRef::Inline(PortSpec {
+                protocol: p.into(),
+                ports: Some(PortList::List(format!("{}-{}", a, a + w))),
+                icmp_type: None,
+                icmp_code: None,
+            })
+        }),
         (0u8..3, proptest::option::of(0u8..2)).prop_map(|(t, c)| ServiceRef::Inline(PortSpec {
             protocol: "icmp".into(),
             ports: None,
             icmp_type: Some(t),
             icmp_code: c,
         })),
-        Just(ServiceRef::Inline(PortSpec { protocol: "tcp".into(), ports: None, icmp_type: None, icmp_code: None })),
-        Just(ServiceRef::Inline(PortSpec { protocol: "47".into(), ports: None, icmp_type: None, icmp_code: None })),
+        Just(ServiceRef::Inline(PortSpec {
+            protocol: "tcp".into(),
+            ports: None,
+            icmp_type: None,
+            icmp_code: None
+        })),
+        Just(ServiceRef::Inline(PortSpec {
+            protocol: "47".into(),
+            ports: None,
+            icmp_type: None,
+            icmp_code: None
+        })),
         Just(ServiceRef::Named("web".into())),
     ]
 }
 
 fn rule_strategy(nvms: usize) -> impl Strategy<Value = (Action, Vec<Peer>, Vec<ServiceRef>, bool)> {
     (
-        prop_oneof![Just(Action::Allow), Just(Action::Deny), Just(Action::Reject), Just(Action::Pass)],
+        prop_oneof![
+            Just(Action::Allow),
+            Just(Action::Deny),
+            Just(Action::Reject),
+            Just(Action::Pass)
+        ],
         proptest::collection::vec(peer_strategy(nvms), 0..3),
         proptest::collection::vec(svc_strategy(), 0..3),
         any::<bool>(),
     )
 }
 
-fn policy_strategy(nvms: usize) -> impl Strategy<Value = (usize, bool, bool, Vec<Peer>, Vec<(bool, (Action, Vec<Peer>, Vec<ServiceRef>, bool))>)> {
+fn policy_strategy(
+    nvms: usize,
+) -> impl Strategy<
+    Value = (
+        usize,
+        bool,
+        bool,
+        Vec<Peer>,
+        Vec<(bool, (Action, Vec<Peer>, Vec<ServiceRef>, bool))>,
+    ),
+> {
     (
         0..3usize,
         any::<bool>(),
         any::<bool>(),
-        proptest::collection::vec(peer_strategy(nvms).prop_filter("vms only", |p| p.ip_block.is_none() && p.group.is_none()), 1..3),
+        proptest::collection::vec(
+            peer_strategy(nvms)
+                .prop_filter("vms only", |p| p.ip_block.is_none() && p.group.is_none()),
+            1..3,
+        ),
         proptest::collection::vec((any::<bool>(), rule_strategy(nvms)), 0..5),
     )
 }
@@ -107,9 +175,16 @@ fn setup() -> impl Strategy<Value = (Vec<Vm>, PolicyFile, Vec<(usize, u8, u16)>)
             (
                 (0..n).map(vm_strategy).collect::<Vec<_>>(),
                 proptest::collection::vec(policy_strategy(n), 1..6),
-                proptest::collection::vec(peer_strategy(n).prop_filter("no self", |p| p.group.is_none()), 1..3),
+                proptest::collection::vec(
+                    peer_strategy(n).prop_filter("no self", |p| p.group.is_none()),
+                    1..3,
+                ),
                 proptest::option::of((0..n, any::<bool>())),
-                prop_oneof![Just(DefaultAction::Deny), Just(DefaultAction::Allow), Just(DefaultAction::Reject)],
+                prop_oneof![
+                    Just(DefaultAction::Deny),
+                    Just(DefaultAction::Allow),
+                    Just(DefaultAction::Reject)
+                ],
                 proptest::collection::vec((0..40usize, 0u8..6, 0u16..40), 60),
             )
         })
@@ -122,16 +197,33 @@ fn setup() -> impl Strategy<Value = (Vec<Vm>, PolicyFile, Vec<(usize, u8, u16)>)
                         name: format!("p{i}"),
                         tier: format!("t{tier}"),
                         priority: i as u32,
-                        mode: if monitor { Mode::Monitor } else { Mode::Enforce },
+                        mode: if monitor {
+                            Mode::Monitor
+                        } else {
+                            Mode::Enforce
+                        },
                         symmetric,
                         applies_to,
                         ingress: vec![],
                         egress: vec![],
                         description: None,
                     };
-                    for (j, (ingress, (action, peers, services, log))) in rules.into_iter().enumerate() {
-                        let r = Rule { id: format!("p{i}-r{j}"), action, peers, services, log, description: None };
-                        if ingress { p.ingress.push(r) } else { p.egress.push(r) }
+                    for (j, (ingress, (action, peers, services, log))) in
+                        rules.into_iter().enumerate()
+                    {
+                        let r = Rule {
+                            id: format!("p{i}-r{j}"),
+                            action,
+                            peers,
+                            services,
+                            log,
+                            description: None,
+                        };
+                        if ingress {
+                            p.ingress.push(r)
+                        } else {
+                            p.egress.push(r)
+                        }
                     }
                     p
                 })
@@ -146,21 +238,44 @@ fn setup() -> impl Strategy<Value = (Vec<Vm>, PolicyFile, Vec<(usize, u8, u16)>)
                         services: vec![ServiceRef::Named("web".into())],
                         description: None,
                     }],
-                    shared_addresses: vec![SharedAddress { address: "10.1.2.200".into(), vms: vec!["vm0".into(), "vm1".into()] }],
+                    shared_addresses: vec![SharedAddress {
+                        address: "10.1.2.200".into(),
+                        vms: vec!["vm0".into(), "vm1".into()],
+                    }],
                     monitor_endpoints: vec![],
                 }),
-                groups: vec![Group { name: "g".into(), members: group, description: None }],
+                groups: vec![Group {
+                    name: "g".into(),
+                    members: group,
+                    description: None,
+                }],
                 services: vec![Service {
                     name: "web".into(),
-                    ports: vec![PortSpec { protocol: "tcp".into(), ports: Some(PortList::List("5,8-12".into())), icmp_type: None, icmp_code: None }],
+                    ports: vec![PortSpec {
+                        protocol: "tcp".into(),
+                        ports: Some(PortList::List("5,8-12".into())),
+                        icmp_type: None,
+                        icmp_code: None,
+                    }],
                     description: None,
                 }],
                 policies,
                 quarantine: quar
                     .map(|(v, full)| Quarantine {
                         vm: format!("vm{v}"),
-                        mode: if full { QuarantineMode::Full } else { QuarantineMode::Partial },
-                        allow: if full { vec![] } else { vec![Peer { vm: Some("vm0".into()), ..Default::default() }] },
+                        mode: if full {
+                            QuarantineMode::Full
+                        } else {
+                            QuarantineMode::Partial
+                        },
+                        allow: if full {
+                            vec![]
+                        } else {
+                            vec![Peer {
+                                vm: Some("vm0".into()),
+                                ..Default::default()
+                            }]
+                        },
                         reason: None,
                     })
                     .into_iter()
@@ -171,21 +286,61 @@ fn setup() -> impl Strategy<Value = (Vec<Vm>, PolicyFile, Vec<(usize, u8, u16)>)
 }
 
 const PEERS: [&str; 14] = [
-    "10.1.2.1", "10.1.2.2", "10.1.2.3", "10.1.2.5", "10.2.0.1", "10.2.0.3", "10.1.2.200", "10.1.2.130",
-    "10.9.9.9", "192.168.0.53", "8.8.8.8", "fd00:1::1", "fd00:1::5", "2001:db8::1",
+    "10.1.2.1",
+    "10.1.2.2",
+    "10.1.2.3",
+    "10.1.2.5",
+    "10.2.0.1",
+    "10.2.0.3",
+    "10.1.2.200",
+    "10.1.2.130",
+    "10.9.9.9",
+    "192.168.0.53",
+    "8.8.8.8",
+    "fd00:1::1",
+    "fd00:1::5",
+    "2001:db8::1",
 ];
 const EXTRA: [&str; 26] = [
-    "fd00:1::2", "fd00:1::3", "fd00:2::1", "10.1.9.9", "192.168.3.3", "10.2.0.2", "10.1.2.4", "10.1.2.6",
-    "10.2.0.4", "10.2.0.5", "10.2.0.6", "fd00:1::4", "fd00:1::6", "1.1.1.1", "::1", "10.1.2.255",
-    "10.0.0.1", "10.1.0.1", "10.255.255.255", "192.168.255.255", "fd00::1", "fd01::1", "10.1.2.127",
-    "10.1.2.128", "172.16.0.1", "fe80::1",
+    "fd00:1::2",
+    "fd00:1::3",
+    "fd00:2::1",
+    "10.1.9.9",
+    "192.168.3.3",
+    "10.2.0.2",
+    "10.1.2.4",
+    "10.1.2.6",
+    "10.2.0.4",
+    "10.2.0.5",
+    "10.2.0.6",
+    "fd00:1::4",
+    "fd00:1::6",
+    "1.1.1.1",
+    "::1",
+    "10.1.2.255",
+    "10.0.0.1",
+    "10.1.0.1",
+    "10.255.255.255",
+    "192.168.255.255",
+    "fd00::1",
+    "fd01::1",
+    "10.1.2.127",
+    "10.1.2.128",
+    "172.16.0.1",
+    "fe80::1",
 ];
 
 fn yaml_roundtrip(vms: &[Vm], file: &PolicyFile) -> Result<(load::PolicySet, Resolved), LoadError> {
     let inv = Inventory { vms: vms.to_vec() };
     load_sources(
-        vec![Source { path: PathBuf::from("gen.yaml"), text: serde_yaml::to_string(file).unwrap() }],
-        Some(Source { path: PathBuf::from("inventory.yaml"), text: serde_yaml::to_string(&inv).unwrap() }),
+        vec![Source {
+            path: PathBuf::from("gen.yaml"),
+            text: serde_yaml::to_string(file).unwrap(),
+        }],
+        Some(Source {
+            path: PathBuf::from("inventory.yaml"),
+            text: serde_yaml::to_string(&inv).unwrap(),
+        }),
     )
 }
 

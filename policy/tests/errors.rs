@@ -3,7 +3,10 @@ use std::path::PathBuf;
 use bulkhead_policy::*;
 
 fn src(name: &str, text: &str) -> Source {
-    Source { path: PathBuf::from(name), text: text.to_string() }
+    Source {
+        path: PathBuf::from(name),
+        text: text.to_string(),
+    }
 }
 
 fn errors(files: Vec<Source>, inv: Option<Source>) -> Vec<String> {
@@ -27,11 +30,18 @@ const INV: &str = "vms:
 #[test]
 fn unknown_field_is_located() {
     let e = errors(
-        vec![src("p.yaml", "settings:\n  tiers: [a]\n  defualt_action: deny\n")],
+        vec![src(
+            "p.yaml",
+            "settings:\n  tiers: [a]\n  defualt_action: deny\n",
+        )],
         None,
     );
     assert_eq!(e.len(), 1, "{e:?}");
-    assert!(e[0].starts_with("p.yaml:3:3: settings: unknown field `defualt_action`"), "{}", e[0]);
+    assert!(
+        e[0].starts_with("p.yaml:3:3: settings: unknown field `defualt_action`"),
+        "{}",
+        e[0]
+    );
 }
 
 #[test]
@@ -70,7 +80,10 @@ policies:
     priority: 10
     applies_to: [{group: web}]
 ";
-    let e = errors(vec![src("bad.yaml", text)], Some(src("inventory.yaml", INV)));
+    let e = errors(
+        vec![src("bad.yaml", text)],
+        Some(src("inventory.yaml", INV)),
+    );
     let joined = e.join("\n");
     let want = [
         "bad.yaml:6:11: group `web` is defined twice",
@@ -101,10 +114,16 @@ fn inventory_errors() {
     host: h1
     interfaces: [{mac: \"52:54:00:00:00:0g\", ips: [10.0.0.1, 10.0.0.300]}]
 ";
-    let e = errors(vec![src("s.yaml", "settings: {tiers: [a]}\n")], Some(src("inventory.yaml", inv)));
+    let e = errors(
+        vec![src("s.yaml", "settings: {tiers: [a]}\n")],
+        Some(src("inventory.yaml", inv)),
+    );
     let j = e.join("\n");
     assert!(j.contains("is not a MAC address"), "{j}");
-    assert!(j.contains("address 10.0.0.1 of VM `b` is also VM `a`'s"), "{j}");
+    assert!(
+        j.contains("address 10.0.0.1 of VM `b` is also VM `a`'s"),
+        "{j}"
+    );
     assert!(j.contains("`10.0.0.300` is not an IP address"), "{j}");
 }
 
@@ -119,7 +138,10 @@ fn group_cycle_and_missing_settings() {
     );
     let j = e.join("\n");
     assert!(j.contains("includes itself"), "{j}");
-    assert!(j.contains("no file of the policy set has a `settings` section"), "{j}");
+    assert!(
+        j.contains("no file of the policy set has a `settings` section"),
+        "{j}"
+    );
 }
 
 #[test]
