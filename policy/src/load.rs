@@ -56,26 +56,40 @@ impl Source {
     /// leading `- ` ignored); else of the first occurrence of `value`; else 1:1.
     pub fn locate(&self, key: &str, value: &str, nth: usize) -> (usize, usize) {
         let mut seen = 0;
+        let is_word = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
         for (i, line) in self.text.lines().enumerate() {
-            let indent = line.len() - line.trim_start().len();
-            let mut rest = line.trim_start();
-            let mut col = indent;
-            while let Some(r) = rest.strip_prefix("- ") {
-                col += 2 + (r.len() - r.trim_start().len());
-                rest = r.trim_start();
-            }
-            let Some(after) = rest.strip_prefix(key).and_then(|r| r.strip_prefix(':')) else {
-                continue;
-            };
-            let v = after.trim();
-            let v = v.split(" #").next().unwrap_or(v).trim();
-            let v = v.trim_matches(|c| c == '"' || c == '\'');
-            if v == value {
-                if seen == nth {
-                    let vcol = line.find(value).unwrap_or(col);
-                    return (i + 1, vcol + 1);
+            let code = line.split(" #").next().unwrap_or(line);
+            let mut from = 0;
+            while let Some(off) = code[from..].find(key) {
+                let at = from + off;
+                from = at + key.len();
+                let before_ok = code[..at].chars().next_back().is_none_or(|c| !is_word(c));
+                let rest = &code[at + key.len()..];
+                let Some(rest) = rest.strip_prefix(':') else {
+                    continue;
+                };
+                if !before_ok {
+                    continue;
                 }
-                seen += 1;
+                let trimmed = rest.trim_start();
+                let vstart = code.len() - trimmed.len();
+                let (quoted, body) = match trimmed.chars().next() {
+                    Some(q @ ('"' | '\'')) => (1, trimmed[1..].split(q).next().unwrap_or("")),
+                    _ => (
+                        0,
+                        trimmed
+                            .split([',', '}', ']'])
+                            .next()
+                            .unwrap_or("")
+                            .trim_end(),
+                    ),
+                };
+                if body == value {
+                    if seen == nth {
+                        return (i + 1, vstart + quoted + 1);
+                    }
+                    seen += 1;
+                }
             }
         }
         self.find(value)
@@ -103,7 +117,20 @@ impl Source {
 
     /// Line and column of the first occurrence of `needle`.
     pub fn find(&self, needle: &str) -> (usize, usize) {
+        let is_word = |c: char| c.is_alphanumeric() || c == '_' || c == '-' || c == '.';
         if !needle.is_empty() {
+            for (i, line) in self.text.lines().enumerate() {
+                for (c, _) in line.match_indices(needle) {
+                    let b = line[..c].chars().next_back().is_none_or(|x| !is_word(x));
+                    let a = line[c + needle.len()..]
+                        .chars()
+                        .next()
+                        .is_none_or(|x| !is_word(x));
+                    if a && b {
+                        return (i + 1, c + 1);
+                    }
+                }
+            }
             for (i, line) in self.text.lines().enumerate() {
                 if let Some(c) = line.find(needle) {
                     return (i + 1, c + 1);

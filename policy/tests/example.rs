@@ -95,7 +95,7 @@ fn example_policies_are_valid_and_mean_what_they_say() {
     let d = judge(&res, "his-web-1", DIR_INGRESS, "10.10.9.21", 1, 8 << 8);
     assert_eq!(
         (d.action, d.rule.as_str()),
-        (ACTION_ALLOW, "base-ping-from-jump")
+        (ACTION_ALLOW, "sec-jump-ping-out")
     );
     // emergency blocklist
     let d = judge(&res, "dmz-proxy-1", DIR_EGRESS, "203.0.113.7", 6, 443);
