@@ -49,27 +49,57 @@ pub enum LoadError {
 pub struct Source {
     pub path: PathBuf,
     pub text: String,
+    /// Lazily built `key: value` → positions index (see [`Source::locate`]).
+    pub index: std::sync::OnceLock<HashMap<(String, String), Vec<(usize, usize)>>>,
+}
+
+impl Source {
+    pub fn new(path: impl Into<PathBuf>, text: impl Into<String>) -> Source {
+        Source {
+            path: path.into(),
+            text: text.into(),
+            index: Default::default(),
+        }
+    }
 }
 
 impl Source {
     /// Line and column (1-based) of the `nth` line whose `key:` holds `value` (quotes and a
     /// leading `- ` ignored); else of the first occurrence of `value`; else 1:1.
     pub fn locate(&self, key: &str, value: &str, nth: usize) -> (usize, usize) {
-        let mut seen = 0;
+        let idx = self.index.get_or_init(|| Self::build_index(&self.text));
+        match idx
+            .get(&(key.to_string(), value.to_string()))
+            .and_then(|v| v.get(nth))
+        {
+            Some(&at) => at,
+            None => self.find(value),
+        }
+    }
+
+    /// Every `key: value` in the text (block and flow style) → positions of the value.
+    #[allow(clippy::type_complexity)]
+    fn build_index(text: &str) -> HashMap<(String, String), Vec<(usize, usize)>> {
+        let mut out: HashMap<(String, String), Vec<(usize, usize)>> = HashMap::new();
         let is_word = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
-        for (i, line) in self.text.lines().enumerate() {
+        for (i, line) in text.lines().enumerate() {
             let code = line.split(" #").next().unwrap_or(line);
             let mut from = 0;
-            while let Some(off) = code[from..].find(key) {
-                let at = from + off;
-                from = at + key.len();
-                let before_ok = code[..at].chars().next_back().is_none_or(|c| !is_word(c));
-                let rest = &code[at + key.len()..];
-                let Some(rest) = rest.strip_prefix(':') else {
-                    continue;
-                };
-                if !before_ok {
-                    continue;
+            while let Some(off) = code[from..].find(':') {
+                let colon = from + off;
+                from = colon + 1;
+                // key: the word before the colon
+                let kstart = code[..colon]
+                    .char_indices()
+                    .rev()
+                    .take_while(|(_, c)| is_word(*c))
+                    .last()
+                    .map(|(j, _)| j);
+                let Some(kstart) = kstart else { continue };
+                let key = &code[kstart..colon];
+                let rest = &code[colon + 1..];
+                if !rest.is_empty() && !rest.starts_with(' ') {
+                    continue; // not a mapping colon (e.g. inside an IPv6 address)
                 }
                 let trimmed = rest.trim_start();
                 let vstart = code.len() - trimmed.len();
@@ -84,15 +114,12 @@ impl Source {
                             .trim_end(),
                     ),
                 };
-                if body == value {
-                    if seen == nth {
-                        return (i + 1, vstart + quoted + 1);
-                    }
-                    seen += 1;
-                }
+                out.entry((key.to_string(), body.to_string()))
+                    .or_default()
+                    .push((i + 1, vstart + quoted + 1));
             }
         }
-        self.find(value)
+        out
     }
 
     /// Like [`Source::locate`], but the first match at or after line `from` (1-based).
@@ -103,16 +130,23 @@ impl Source {
             .skip(from.saturating_sub(1))
             .collect::<Vec<_>>()
             .join("\n");
-        let sub = Source {
-            path: self.path.clone(),
-            text: rest,
-        };
+        let sub = Source::new(self.path.clone(), rest);
         let (l, c) = sub.locate(key, value, 0);
         if (l, c) == (1, 1) {
             self.locate(key, value, 0)
         } else {
             (l + from - 1, c)
         }
+    }
+
+    /// Line and column of the first occurrence of `needle` at or after line `from`.
+    pub fn find_from(&self, from: usize, needle: &str) -> (usize, usize) {
+        for (i, line) in self.text.lines().enumerate().skip(from.saturating_sub(1)) {
+            if let Some(c) = line.find(needle) {
+                return (i + 1, c + 1);
+            }
+        }
+        self.find(needle)
     }
 
     /// Line and column of the first occurrence of `needle`.
@@ -464,10 +498,7 @@ fn read(p: &Path) -> Result<Source, LoadError> {
         path: p.to_path_buf(),
         source: e,
     })?;
-    Ok(Source {
-        path: p.to_path_buf(),
-        text,
-    })
+    Ok(Source::new(p, text))
 }
 
 fn yaml_diag(src: &Source, e: &serde_yaml::Error) -> Diagnostic {
@@ -786,7 +817,8 @@ impl<'a> Resolver<'a> {
                 for a in &p.applies_to {
                     let (vms, blocks) = self.peer(src, a, &mut Vec::new());
                     if !blocks.is_empty() {
-                        let at = src.find("applies_to");
+                        let from = src.locate("name", &p.name, 0).0;
+                        let at = src.find_from(from, "applies_to");
                         self.err(src, at, format!("policy `{}`: `applies_to` must select VMs (group of VMs, vm, labels); addresses (ip_block, any) cannot be protected", p.name));
                     }
                     applies.extend(vms);

@@ -2,7 +2,6 @@
 //! `TableIndex::decide` (the datapath's model) agree with the reference evaluator on every
 //! sampled flow.
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use bulkhead_abi::model::FlowQuery;
 use bulkhead_abi::*;
@@ -333,14 +332,8 @@ const EXTRA: [&str; 26] = [
 fn yaml_roundtrip(vms: &[Vm], file: &PolicyFile) -> Result<(load::PolicySet, Resolved), LoadError> {
     let inv = Inventory { vms: vms.to_vec() };
     load_sources(
-        vec![Source {
-            path: PathBuf::from("gen.yaml"),
-            text: serde_yaml::to_string(file).unwrap(),
-        }],
-        Some(Source {
-            path: PathBuf::from("inventory.yaml"),
-            text: serde_yaml::to_string(&inv).unwrap(),
-        }),
+        vec![Source::new("gen.yaml", serde_yaml::to_string(file).unwrap())],
+        Some(Source::new("inventory.yaml", serde_yaml::to_string(&inv).unwrap())),
     )
 }
 

@@ -1,12 +1,8 @@
-use std::path::PathBuf;
 
 use bulkhead_policy::*;
 
 fn src(name: &str, text: &str) -> Source {
-    Source {
-        path: PathBuf::from(name),
-        text: text.to_string(),
-    }
+    Source::new(name, text)
 }
 
 fn errors(files: Vec<Source>, inv: Option<Source>) -> Vec<String> {
