@@ -35,10 +35,11 @@ pub struct HostOutput {
 }
 
 pub fn compile(res: &Resolved) -> Compiled {
+    let names: Vec<String> = res.hosts().into_iter().collect();
+    let outs = compile_hosts(res, &names);
     let mut hosts = BTreeMap::new();
     let mut h = Sha256::new();
-    for host in res.hosts() {
-        let out = compile_host(res, &host);
+    for (host, out) in names.into_iter().zip(outs) {
         h.update(host.as_bytes());
         h.update([0]);
         h.update(out.revision.as_bytes());
@@ -48,6 +49,47 @@ pub fn compile(res: &Resolved) -> Compiled {
         revision: hex(&h.finalize()),
         hosts,
     }
+}
+
+/// Compile several hosts, in parallel on the available cores (hosts are independent).
+pub fn compile_hosts(res: &Resolved, hosts: &[String]) -> Vec<HostOutput> {
+    let n = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(hosts.len().max(1));
+    if n <= 1 || hosts.len() < 2 {
+        return hosts.iter().map(|h| compile_host(res, h)).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut outs: Vec<Option<HostOutput>> = vec![None; hosts.len()];
+    let results: Vec<Vec<(usize, HostOutput)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= hosts.len() {
+                            break;
+                        }
+                        mine.push((i, compile_host(res, &hosts[i])));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    for (i, o) in results.into_iter().flatten() {
+        outs[i] = Some(o);
+    }
+    hosts
+        .iter()
+        .zip(outs)
+        .map(|(h, o)| o.unwrap_or_else(|| compile_host(res, h)))
+        .collect()
 }
 
 pub(crate) fn hex(b: &[u8]) -> String {
@@ -335,6 +377,19 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
         }
     }
     let mut prefixes: Vec<Net> = ann.keys().copied().collect();
+    // Prefix lengths present per family: ancestors are looked up only at these lengths.
+    let lens: [Vec<u8>; 2] = {
+        let mut l4: BTreeSet<u8> = BTreeSet::new();
+        let mut l6: BTreeSet<u8> = BTreeSet::new();
+        for p in &prefixes {
+            if p.is_v4() {
+                l4.insert(p.len);
+            } else {
+                l6.insert(p.len);
+            }
+        }
+        [l4.into_iter().collect(), l6.into_iter().collect()]
+    };
     prefixes.sort_by(|a, b| (a.len, a).cmp(&(b.len, b)));
     let mut id_of_members: HashMap<Vec<u32>, u32> = HashMap::new();
     let mut members: Vec<Vec<u32>> = vec![vec![]]; // index = identity; 0 unused
@@ -344,7 +399,8 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
     for x in &prefixes {
         let mut pos: BTreeSet<(u32, u32)> = BTreeSet::new();
         let mut neg: BTreeSet<(u32, u32)> = BTreeSet::new();
-        for l in 0..=x.len {
+        let fam = &lens[usize::from(!x.is_v4())];
+        for &l in fam.iter().take_while(|&&l| l <= x.len) {
             let a = Net::new(x.addr, l);
             if let Some(v) = ann.get(&a) {
                 for &(s, b, ex) in v {
@@ -365,9 +421,11 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
         });
         prefix_id.insert(*x, id);
         // Drop entries that resolve to the same identity as their LPM parent.
-        let parent = (0..x.len)
+        let parent = fam
+            .iter()
             .rev()
-            .find_map(|l| kept.get(&Net::new(x.addr, l)).copied());
+            .filter(|&&l| l < x.len)
+            .find_map(|&l| kept.get(&Net::new(x.addr, l)).copied());
         if parent != Some(id) {
             kept.insert(*x, id);
             ipcache.push(IpcacheEntry {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
-use crate::compile::{compile_host, hex, Compiled, HostOutput};
+use crate::compile::{compile_host, compile_hosts, hex, Compiled, HostOutput};
 use crate::load::{EntryKind, Resolved};
 
 #[derive(Default)]
@@ -18,7 +18,7 @@ pub struct Incremental {
 }
 
 /// The hash of everything `compile_host(res, host)` reads.
-pub fn host_key(res: &Resolved, host: &str, rule_ids_hash: &[u8]) -> [u8; 32] {
+pub fn host_key(res: &Resolved, host: &str, rule_ids_hash: &[u8], set_hash: &[[u8; 32]]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(rule_ids_hash);
     h.update(format!("{:?}", res.default_action));
@@ -41,16 +41,27 @@ pub fn host_key(res: &Resolved, host: &str, rule_ids_hash: &[u8]) -> [u8; 32] {
                     EntryKind::Quarantine(_) => 1,
                     EntryKind::Rule { .. } => 2,
                 };
-                h.update(format!(
-                    "{dir}{kind}{:?}{:?}{}{}{}",
-                    e.tier, e.action, e.monitor, e.log, e.rule_index
-                ));
+                h.update([
+                    dir,
+                    kind,
+                    e.tier.map_or(255, |t| t as u8),
+                    e.action as u8,
+                    u8::from(e.monitor),
+                    u8::from(e.log),
+                ]);
+                h.update(e.rule_index.to_le_bytes());
                 if e.peers == usize::MAX {
                     h.update(b"*");
                 } else {
-                    h.update(format!("{:?}", res.sets[e.peers]));
+                    h.update(set_hash[e.peers]);
                 }
-                h.update(format!("{:?}\n", res.entry_svc(&e)));
+                for s in res.entry_svc(&e) {
+                    h.update([s.proto.unwrap_or(0), u8::from(s.range.is_some())]);
+                    let (a, b) = s.range.unwrap_or((0, 0));
+                    h.update(a.to_le_bytes());
+                    h.update(b.to_le_bytes());
+                }
+                h.update(b"\n");
             }
         }
     }
@@ -62,18 +73,49 @@ impl Incremental {
     /// The result is identical to [`crate::compile`].
     pub fn compile(&mut self, res: &Resolved) -> Compiled {
         let ids = Sha256::digest(res.rule_ids().join("\n"));
+        let set_hash: Vec<[u8; 32]> = res
+            .sets
+            .iter()
+            .map(|s| {
+                let mut h = Sha256::new();
+                for (n, ex) in &s.blocks {
+                    h.update(n.to_string());
+                    for e in ex {
+                        h.update(b"-");
+                        h.update(e.to_string());
+                    }
+                    h.update(b",");
+                }
+                h.finalize().into()
+            })
+            .collect();
         let mut hosts = std::collections::BTreeMap::new();
         let mut total = Sha256::new();
-        self.last_recomputed = 0;
         let mut next = HashMap::new();
-        for host in res.hosts() {
-            let key = host_key(res, &host, &ids);
-            let out = match self.cache.remove(&host) {
-                Some((k, out)) if k == key => out,
-                _ => {
-                    self.last_recomputed += 1;
-                    compile_host(res, &host)
-                }
+        let names: Vec<String> = res.hosts().into_iter().collect();
+        let keys: Vec<[u8; 32]> = names
+            .iter()
+            .map(|h| host_key(res, h, &ids, &set_hash))
+            .collect();
+        let stale: Vec<String> = names
+            .iter()
+            .zip(&keys)
+            .filter(|(h, k)| self.cache.get(*h).is_none_or(|(old, _)| old != *k))
+            .map(|(h, _)| h.clone())
+            .collect();
+        self.last_recomputed = stale.len();
+        let mut fresh: HashMap<String, HostOutput> = stale
+            .iter()
+            .cloned()
+            .zip(compile_hosts(res, &stale))
+            .collect();
+        for (host, key) in names.into_iter().zip(keys) {
+            let out = match fresh.remove(&host) {
+                Some(o) => o,
+                None => match self.cache.remove(&host) {
+                    Some((_, o)) => o,
+                    None => compile_host(res, &host),
+                },
             };
             total.update(host.as_bytes());
             total.update([0]);

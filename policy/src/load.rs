@@ -306,6 +306,8 @@ pub struct Resolved {
     pub groups: Vec<(String, Vec<usize>, usize)>,
     /// Group names referenced anywhere.
     pub used_groups: BTreeSet<String>,
+    /// Per VM: the rules that judge it, in order, `true` = reflected (symmetric) instance.
+    pub vm_rules: Vec<Vec<(u32, bool)>>,
 }
 
 /// Kind of an entry in an endpoint's ordered list.
@@ -391,26 +393,24 @@ impl Resolved {
             });
         }
         let base = 1 + nsys + self.quarantine.len() as u32;
-        for (i, r) in self.rules.iter().enumerate() {
-            let mk = |peers, reflected| Entry {
-                kind: EntryKind::Rule { rule: i, reflected },
+        for &(i, reflected) in &self.vm_rules[vm] {
+            let r = &self.rules[i as usize];
+            // Original rules judge the rule's own direction; reflected ones the opposite.
+            if (r.dir == dir) == reflected {
+                continue;
+            }
+            out.push(Entry {
+                kind: EntryKind::Rule {
+                    rule: i as usize,
+                    reflected,
+                },
                 tier: Some(r.tier),
                 action: r.action,
                 monitor: r.monitor,
                 log: r.log,
-                peers,
-                rule_index: base + i as u32,
-            };
-            if r.dir == dir && r.applies.binary_search(&vm).is_ok() {
-                out.push(mk(r.peers, false));
-            }
-            if r.symmetric
-                && r.action == RAction::Allow
-                && r.dir != dir
-                && r.peer_vms.binary_search(&vm).is_ok()
-            {
-                out.push(mk(r.applies_set, true));
-            }
+                peers: if reflected { r.applies_set } else { r.peers },
+                rule_index: base + i,
+            });
         }
         out
     }
@@ -949,7 +949,19 @@ impl<'a> Resolver<'a> {
             }
         }
         quarantine.sort_by_key(|q| q.vm);
+        let mut vm_rules: Vec<Vec<(u32, bool)>> = vec![Vec::new(); self.vms.len()];
+        for (i, r) in rules.iter().enumerate() {
+            for &v in &r.applies {
+                vm_rules[v].push((i as u32, false));
+            }
+            if r.symmetric && r.action == RAction::Allow {
+                for &v in &r.peer_vms {
+                    vm_rules[v].push((i as u32, true));
+                }
+            }
+        }
         Resolved {
+            vm_rules,
             tiers,
             default_action,
             vms: self.vms,
