@@ -12,9 +12,11 @@ fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<f64>().ok())
+            })
         })
         .map_or(0.0, |k| k / 1024.0)
 }
@@ -33,7 +35,10 @@ impl Rng {
 }
 
 fn main() {
-    let a: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
+    let a: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|s| s.parse().ok())
+        .collect();
     let nvm = *a.first().unwrap_or(&10_000);
     let ngroups = *a.get(1).unwrap_or(&500);
     let npol = *a.get(2).unwrap_or(&2_000);
@@ -49,11 +54,19 @@ fn main() {
             labels: BTreeMap::from([
                 ("app".to_string(), format!("app{}", i % napps)),
                 ("role".to_string(), roles[i % 3].to_string()),
-                ("env".to_string(), if i % 10 == 0 { "test" } else { "prod" }.to_string()),
+                (
+                    "env".to_string(),
+                    if i % 10 == 0 { "test" } else { "prod" }.to_string(),
+                ),
             ]),
             host: format!("kvm-{:03}", i % nhosts),
             interfaces: vec![Interface {
-                mac: format!("52:54:00:{:02x}:{:02x}:{:02x}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff),
+                mac: format!(
+                    "52:54:00:{:02x}:{:02x}:{:02x}",
+                    (i >> 16) & 0xff,
+                    (i >> 8) & 0xff,
+                    i & 0xff
+                ),
                 ips: vec![
                     format!("10.{}.{}.{}", 16 + (i >> 16), (i >> 8) & 0xff, i & 0xff),
                     format!("fd00:10::{:x}", i + 1),
@@ -66,9 +79,18 @@ fn main() {
         .map(|g| Group {
             name: format!("g{g}"),
             members: if g % 25 == 24 {
-                vec![Peer { ip_block: Some(IpBlock { cidr: format!("172.{}.0.0/16", 16 + g % 16), except: vec![format!("172.{}.1.0/24", 16 + g % 16)] }), ..Default::default() }]
+                vec![Peer {
+                    ip_block: Some(IpBlock {
+                        cidr: format!("172.{}.0.0/16", 16 + g % 16),
+                        except: vec![format!("172.{}.1.0/24", 16 + g % 16)],
+                    }),
+                    ..Default::default()
+                }]
             } else {
-                vec![Peer { labels: Some(BTreeMap::from([("app".to_string(), format!("app{g}"))])), ..Default::default() }]
+                vec![Peer {
+                    labels: Some(BTreeMap::from([("app".to_string(), format!("app{g}"))])),
+                    ..Default::default()
+                }]
             },
             description: None,
         })
@@ -76,7 +98,16 @@ fn main() {
     let services: Vec<Service> = (0..30)
         .map(|s| Service {
             name: format!("svc{s}"),
-            ports: vec![PortSpec { protocol: if s % 5 == 4 { "udp" } else { "tcp" }.into(), ports: Some(PortList::List(if s % 7 == 0 { format!("{}-{}", 8000 + s * 10, 8005 + s * 10) } else { format!("{}", 1000 + s) })), icmp_type: None, icmp_code: None }],
+            ports: vec![PortSpec {
+                protocol: if s % 5 == 4 { "udp" } else { "tcp" }.into(),
+                ports: Some(PortList::List(if s % 7 == 0 {
+                    format!("{}-{}", 8000 + s * 10, 8005 + s * 10)
+                } else {
+                    format!("{}", 1000 + s)
+                })),
+                icmp_type: None,
+                icmp_code: None,
+            }],
             description: None,
         })
         .collect();
@@ -89,7 +120,17 @@ fn main() {
             priority: p as u32,
             mode: Mode::Enforce,
             symmetric: true,
-            applies_to: vec![Peer { group: Some(format!("g{}", { let g = (p * 7) % ngroups; if g % 25 == 24 { (g + 1) % ngroups } else { g } })), ..Default::default() }],
+            applies_to: vec![Peer {
+                group: Some(format!("g{}", {
+                    let g = (p * 7) % ngroups;
+                    if g % 25 == 24 {
+                        (g + 1) % ngroups
+                    } else {
+                        g
+                    }
+                })),
+                ..Default::default()
+            }],
             ingress: vec![],
             egress: vec![],
             description: None,
@@ -103,12 +144,19 @@ fn main() {
                     1 => Action::Pass,
                     _ => Action::Allow,
                 },
-                peers: vec![Peer { group: Some(format!("g{g}")), ..Default::default() }],
+                peers: vec![Peer {
+                    group: Some(format!("g{g}")),
+                    ..Default::default()
+                }],
                 services: vec![ServiceRef::Named(format!("svc{}", rng.below(30)))],
                 log: rng.below(4) == 0,
                 description: None,
             };
-            if r % 3 == 2 { pol.egress.push(rule) } else { pol.ingress.push(rule) }
+            if r % 3 == 2 {
+                pol.egress.push(rule)
+            } else {
+                pol.ingress.push(rule)
+            }
         }
         policies.push(pol);
     }
@@ -118,54 +166,122 @@ fn main() {
         priority: 1,
         mode: Mode::Enforce,
         symmetric: false,
-        applies_to: vec![Peer { expressions: Some(vec![LabelExpr { key: "app".into(), operator: LabelOp::Exists, values: vec![] }]), ..Default::default() }],
-        ingress: vec![Rule { id: "base-in".into(), action: Action::Deny, peers: vec![], services: vec![], log: true, description: None }],
-        egress: vec![Rule { id: "base-out".into(), action: Action::Deny, peers: vec![], services: vec![], log: true, description: None }],
+        applies_to: vec![Peer {
+            expressions: Some(vec![LabelExpr {
+                key: "app".into(),
+                operator: LabelOp::Exists,
+                values: vec![],
+            }]),
+            ..Default::default()
+        }],
+        ingress: vec![Rule {
+            id: "base-in".into(),
+            action: Action::Deny,
+            peers: vec![],
+            services: vec![],
+            log: true,
+            description: None,
+        }],
+        egress: vec![Rule {
+            id: "base-out".into(),
+            action: Action::Deny,
+            peers: vec![],
+            services: vec![],
+            log: true,
+            description: None,
+        }],
         description: None,
     });
     let file = PolicyFile {
-        settings: Some(Settings { tiers: tiers.iter().map(|s| s.to_string()).collect(), default_action: DefaultAction::Deny, system_endpoints: vec![SystemEndpoint { name: "dns".into(), addresses: vec!["10.0.0.53".into()], services: vec![], description: None }], shared_addresses: vec![], monitor_endpoints: vec![] }),
+        settings: Some(Settings {
+            tiers: tiers.iter().map(|s| s.to_string()).collect(),
+            default_action: DefaultAction::Deny,
+            system_endpoints: vec![SystemEndpoint {
+                name: "dns".into(),
+                addresses: vec!["10.0.0.53".into()],
+                services: vec![],
+                description: None,
+            }],
+            shared_addresses: vec![],
+            monitor_endpoints: vec![],
+        }),
         groups,
         services,
         policies,
         quarantine: vec![],
     };
-    let nrules: usize = file.policies.iter().map(|p| p.ingress.len() + p.egress.len()).sum();
+    let nrules: usize = file
+        .policies
+        .iter()
+        .map(|p| p.ingress.len() + p.egress.len())
+        .sum();
     let policy_yaml = serde_yaml::to_string(&file).unwrap();
     let inv_yaml = serde_yaml::to_string(&Inventory { vms }).unwrap();
     println!("input: {nvm} VMs on {nhosts} hosts, {ngroups} groups, {} policies, {nrules} rules ({} KiB YAML)", file.policies.len(), (policy_yaml.len() + inv_yaml.len()) / 1024);
 
     let src = |t: &str, n: &str| Source::new(n, t);
     let t0 = Instant::now();
-    let (_, res) = load_sources(vec![src(&policy_yaml, "policy.yaml")], Some(src(&inv_yaml, "inventory.yaml"))).unwrap_or_else(|e| panic!("{e}"));
+    let (_, res) = load_sources(
+        vec![src(&policy_yaml, "policy.yaml")],
+        Some(src(&inv_yaml, "inventory.yaml")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let t_load = t0.elapsed();
     let t1 = Instant::now();
     let mut inc = Incremental::default();
     let c = inc.compile(&res);
     let t_compile = t1.elapsed();
     let entries: usize = c.hosts.values().map(|h| h.tables.policy.len()).sum();
-    let ipc: usize = c.hosts.values().map(|h| h.tables.ipcache.len()).max().unwrap_or(0);
-    let pe: usize = c.hosts.values().map(|h| h.tables.policy.len()).max().unwrap_or(0);
+    let ipc: usize = c
+        .hosts
+        .values()
+        .map(|h| h.tables.ipcache.len())
+        .max()
+        .unwrap_or(0);
+    let pe: usize = c
+        .hosts
+        .values()
+        .map(|h| h.tables.policy.len())
+        .max()
+        .unwrap_or(0);
 
     // One rule change: the services of one rule.
     let mut file2 = file.clone();
     file2.policies[npol / 2].ingress[0].services = vec![ServiceRef::Named("svc3".into())];
     let yaml2 = serde_yaml::to_string(&file2).unwrap();
     let t2 = Instant::now();
-    let (_, res2) = load_sources(vec![src(&yaml2, "policy.yaml")], Some(src(&inv_yaml, "inventory.yaml"))).unwrap_or_else(|e| panic!("{e}"));
+    let (_, res2) = load_sources(
+        vec![src(&yaml2, "policy.yaml")],
+        Some(src(&inv_yaml, "inventory.yaml")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let t_load2 = t2.elapsed();
     let t3 = Instant::now();
     let c2 = inc.compile(&res2);
     let t_inc = t3.elapsed();
-    let changed = c.hosts.iter().filter(|(h, o)| c2.hosts[*h].revision != o.revision).count();
+    let changed = c
+        .hosts
+        .iter()
+        .filter(|(h, o)| c2.hosts[*h].revision != o.revision)
+        .count();
     let check = compile(&res2);
     assert_eq!(check, c2, "incremental result must equal a full compile");
 
     println!("| step | time |");
     println!("|---|---|");
-    println!("| parse + validate + resolve (YAML → Resolved) | {:.0} ms |", t_load.as_secs_f64() * 1e3);
-    println!("| full compile ({} hosts) | {:.0} ms |", c.hosts.len(), t_compile.as_secs_f64() * 1e3);
-    println!("| re-parse after one rule change | {:.0} ms |", t_load2.as_secs_f64() * 1e3);
+    println!(
+        "| parse + validate + resolve (YAML → Resolved) | {:.0} ms |",
+        t_load.as_secs_f64() * 1e3
+    );
+    println!(
+        "| full compile ({} hosts) | {:.0} ms |",
+        c.hosts.len(),
+        t_compile.as_secs_f64() * 1e3
+    );
+    println!(
+        "| re-parse after one rule change | {:.0} ms |",
+        t_load2.as_secs_f64() * 1e3
+    );
     println!("| incremental compile after one rule change ({changed} host(s) recomputed: {}) | {:.1} ms |", inc.last_recomputed, t_inc.as_secs_f64() * 1e3);
     println!("| peak RSS | {:.0} MiB |", peak_rss_mb());
     println!("policy entries total {entries}, max per host {pe}, max ipcache per host {ipc}");

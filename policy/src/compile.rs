@@ -17,6 +17,37 @@ use crate::load::{Entry, RAction, Resolved, SvcEntry};
 use crate::net::{fmt_mac, Net};
 use crate::types::DefaultAction;
 
+/// A small, fast, deterministic hasher for the compiler's internal maps (FxHash).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Fx(u64);
+
+impl std::hash::Hasher for Fx {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+}
+
+pub(crate) type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fx>>;
+
 /// A compiled revision: tables per host, and content hashes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Compiled {
@@ -355,13 +386,13 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
         svcs.extend(res.entry_svc(l).iter().copied());
     }
     let used: Vec<usize> = used.into_iter().collect();
-    let local: HashMap<usize, u32> = used
+    let local: FxMap<usize, u32> = used
         .iter()
         .enumerate()
         .map(|(i, &s)| (s, i as u32))
         .collect();
     // prefix → annotations (local set, block, is_except)
-    let mut ann: HashMap<Net, Vec<(u32, u32, bool)>> = HashMap::new();
+    let mut ann: FxMap<Net, Vec<(u32, u32, bool)>> = FxMap::default();
     ann.entry(Net::all_v4()).or_default();
     ann.entry(Net::all_v6()).or_default();
     for (li, &s) in used.iter().enumerate() {
@@ -391,11 +422,11 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
         [l4.into_iter().collect(), l6.into_iter().collect()]
     };
     prefixes.sort_by(|a, b| (a.len, a).cmp(&(b.len, b)));
-    let mut id_of_members: HashMap<Vec<u32>, u32> = HashMap::new();
+    let mut id_of_members: FxMap<Vec<u32>, u32> = FxMap::default();
     let mut members: Vec<Vec<u32>> = vec![vec![]]; // index = identity; 0 unused
-    let mut prefix_id: HashMap<Net, u32> = HashMap::new();
+    let mut prefix_id: FxMap<Net, u32> = FxMap::default();
     let mut ipcache = Vec::new();
-    let mut kept: HashMap<Net, u32> = HashMap::new();
+    let mut kept: FxMap<Net, u32> = FxMap::default();
     for x in &prefixes {
         let mut pos: BTreeSet<(u32, u32)> = BTreeSet::new();
         let mut neg: BTreeSet<(u32, u32)> = BTreeSet::new();
@@ -495,7 +526,7 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
                     }
                 }
             }
-            let mut memo: HashMap<&Vec<u32>, IdStruct> = HashMap::new();
+            let mut memo: FxMap<&Vec<u32>, IdStruct> = FxMap::default();
             let mut structs: Vec<IdStruct> = vec![];
             for ids in per_id.iter().skip(1) {
                 let st = memo
@@ -505,13 +536,23 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
                         let other = walk(res, &es, None, 0, &pc, default);
                         let mut ps = Vec::new();
                         for &p in &protos {
+                            // Only entries that can match protocol p matter for it.
+                            let ep: Vec<&Entry> = es
+                                .iter()
+                                .copied()
+                                .filter(|e| {
+                                    let svc = res.entry_svc(e);
+                                    svc.is_empty()
+                                        || svc.iter().any(|s| s.proto.is_none_or(|x| x == p))
+                                })
+                                .collect();
                             let p2 = match port_kind(p) {
-                                None => P2::Plain(walk(res, &es, Some(p), 0, &pc, default)),
+                                None => P2::Plain(walk(res, &ep, Some(p), 0, &pc, default)),
                                 Some(k) => {
                                     let cls = &kind_classes[k as usize];
                                     let vs: Vec<(u32, Verdict)> = cls
                                         .iter()
-                                        .map(|&c| (c, walk(res, &es, Some(p), c, &pc, default)))
+                                        .map(|&c| (c, walk(res, &ep, Some(p), c, &pc, default)))
                                         .collect();
                                     let v0 = vs[0].1;
                                     let diff: Vec<(u32, Verdict)> =
@@ -533,7 +574,7 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
                 structs.push(st);
             }
             // Most common structure → IDENTITY_ANY.
-            let mut count: HashMap<&IdStruct, (usize, usize)> = HashMap::new();
+            let mut count: FxMap<&IdStruct, (usize, usize)> = FxMap::default();
             for (i, s) in structs.iter().enumerate() {
                 count.entry(s).or_insert((0, i)).0 += 1;
             }

@@ -18,11 +18,18 @@ pub struct Incremental {
 }
 
 /// The hash of everything `compile_host(res, host)` reads.
-pub fn host_key(res: &Resolved, host: &str, rule_ids_hash: &[u8], set_hash: &[[u8; 32]]) -> [u8; 32] {
+pub fn host_key(
+    res: &Resolved,
+    host: &str,
+    rule_ids_hash: &[u8],
+    set_hash: &[[u8; 32]],
+) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(rule_ids_hash);
     h.update(format!("{:?}", res.default_action));
-    let mut vms: Vec<usize> = (0..res.vms.len()).filter(|&i| res.vms[i].host == host).collect();
+    let mut vms: Vec<usize> = (0..res.vms.len())
+        .filter(|&i| res.vms[i].host == host)
+        .collect();
     vms.sort_by(|&a, &b| res.vms[a].name.cmp(&res.vms[b].name));
     for v in vms {
         let vm = &res.vms[v];

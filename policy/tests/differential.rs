@@ -332,8 +332,14 @@ const EXTRA: [&str; 26] = [
 fn yaml_roundtrip(vms: &[Vm], file: &PolicyFile) -> Result<(load::PolicySet, Resolved), LoadError> {
     let inv = Inventory { vms: vms.to_vec() };
     load_sources(
-        vec![Source::new("gen.yaml", serde_yaml::to_string(file).unwrap())],
-        Some(Source::new("inventory.yaml", serde_yaml::to_string(&inv).unwrap())),
+        vec![Source::new(
+            "gen.yaml",
+            serde_yaml::to_string(file).unwrap(),
+        )],
+        Some(Source::new(
+            "inventory.yaml",
+            serde_yaml::to_string(&inv).unwrap(),
+        )),
     )
 }
 

@@ -1,4 +1,3 @@
-
 use bulkhead_policy::*;
 
 fn src(name: &str, text: &str) -> Source {
