@@ -596,7 +596,7 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
             }
         }
     }
-    policy.sort_by(|a: &(PolicyKey, Verdict), b| a.0.cmp(&b.0));
+    policy.sort_by_key(|a: &(PolicyKey, Verdict)| a.0);
     let tables = HostTables {
         endpoints,
         ipcache,

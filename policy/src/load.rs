@@ -44,13 +44,18 @@ pub enum LoadError {
     Invalid(Vec<Diagnostic>),
 }
 
+/// `(key, value)` → positions (line, column) of the value.
+pub type LocIndex = HashMap<(String, String), Vec<(usize, usize)>>;
+
+type Resolution = (BTreeSet<usize>, Vec<(Net, Vec<Net>)>);
+
 /// A source file kept for locating semantic errors.
 #[derive(Clone, Debug)]
 pub struct Source {
     pub path: PathBuf,
     pub text: String,
     /// Lazily built `key: value` → positions index (see [`Source::locate`]).
-    pub index: std::sync::OnceLock<HashMap<(String, String), Vec<(usize, usize)>>>,
+    pub index: std::sync::OnceLock<LocIndex>,
 }
 
 impl Source {
@@ -561,7 +566,7 @@ struct Resolver<'a> {
     sets: Vec<AddrSet>,
     set_ids: HashMap<AddrSet, usize>,
     /// group name → (vms, blocks), memoised.
-    group_cache: HashMap<String, (BTreeSet<usize>, Vec<(Net, Vec<Net>)>)>,
+    group_cache: HashMap<String, Resolution>,
     used_groups: BTreeSet<String>,
 }
 
@@ -893,7 +898,7 @@ impl<'a> Resolver<'a> {
                 let _ = at;
             }
         }
-        rules.sort_by(|a, b| (a.tier, a.priority, a.pos).cmp(&(b.tier, b.priority, b.pos)));
+        rules.sort_by_key(|a| (a.tier, a.priority, a.pos));
         // Quarantine.
         let mut quarantine = Vec::new();
         let mut qseen = BTreeSet::new();
@@ -1057,9 +1062,8 @@ impl<'a> Resolver<'a> {
                     Some((ssrc, s)) => {
                         let (ssrc, s) = (*ssrc, *s);
                         for p in &s.ports {
-                            match self.port_spec(ssrc, p) {
-                                Ok(mut e) => out.append(&mut e),
-                                Err(()) => {}
+                            if let Ok(mut e) = self.port_spec(ssrc, p) {
+                                out.append(&mut e);
                             }
                         }
                     }

@@ -1,6 +1,7 @@
 //! Property test: for random inventories and policy sets, the compiled tables read through
 //! `TableIndex::decide` (the datapath's model) agree with the reference evaluator on every
 //! sampled flow.
+#![allow(clippy::type_complexity)]
 use std::collections::BTreeMap;
 
 use bulkhead_abi::model::FlowQuery;
@@ -358,7 +359,7 @@ proptest! {
                 for &(pi, proto_i, port) in &flows {
                     let peer = if pi < PEERS.len() { PEERS[pi] } else { EXTRA[pi - PEERS.len()] };
                     let proto = [6u8, 17, 1, 58, 47, 132][proto_i as usize];
-                    let port = if proto == 1 || proto == 58 { (port % 4) << 8 | (port / 4) % 3 } else { port };
+                    let port = if proto == 1 || proto == 58 { ((port % 4) << 8) | ((port / 4) % 3) } else { port };
                     for dir in [DIR_EGRESS, DIR_INGRESS] {
                         let want = evaluate(&res, vm, dir, peer.parse().unwrap(), proto, port).verdict();
                         let got = idx.decide(&FlowQuery { slot: slot as u32, direction: dir, peer: peer.parse().unwrap(), proto, port })
