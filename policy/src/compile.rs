@@ -526,71 +526,89 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
                     }
                 }
             }
-            let mut memo: FxMap<&Vec<u32>, IdStruct> = FxMap::default();
-            let mut structs: Vec<IdStruct> = vec![];
+            // entry list → structure id; structures deduplicated by value.
+            let mut memo: FxMap<&Vec<u32>, u32> = FxMap::default();
+            let mut uniq: Vec<IdStruct> = vec![];
+            let mut uniq_ids: FxMap<IdStruct, u32> = FxMap::default();
+            let mut structs: Vec<u32> = Vec::with_capacity(per_id.len());
             for ids in per_id.iter().skip(1) {
-                let st = memo
-                    .entry(ids)
-                    .or_insert_with(|| {
-                        let es: Vec<&Entry> = ids.iter().map(|&j| &list[j as usize]).collect();
-                        let other = walk(res, &es, None, 0, &pc, default);
-                        let mut ps = Vec::new();
-                        for &p in &protos {
-                            // Only entries that can match protocol p matter for it.
-                            let ep: Vec<&Entry> = es
-                                .iter()
-                                .copied()
-                                .filter(|e| {
-                                    let svc = res.entry_svc(e);
-                                    svc.is_empty()
-                                        || svc.iter().any(|s| s.proto.is_none_or(|x| x == p))
-                                })
-                                .collect();
-                            let p2 = match port_kind(p) {
-                                None => P2::Plain(walk(res, &ep, Some(p), 0, &pc, default)),
-                                Some(k) => {
-                                    let cls = &kind_classes[k as usize];
-                                    let vs: Vec<(u32, Verdict)> = cls
-                                        .iter()
-                                        .map(|&c| (c, walk(res, &ep, Some(p), c, &pc, default)))
-                                        .collect();
-                                    let v0 = vs[0].1;
-                                    let diff: Vec<(u32, Verdict)> =
-                                        vs.into_iter().filter(|(_, v)| *v != v0).collect();
-                                    if diff.is_empty() {
-                                        P2::Plain(v0)
-                                    } else {
-                                        P2::Refine(v0, diff)
-                                    }
+                if let Some(&sid) = memo.get(ids) {
+                    structs.push(sid);
+                    continue;
+                }
+                let st = {
+                    let es: Vec<&Entry> = ids.iter().map(|&j| &list[j as usize]).collect();
+                    let other = walk(res, &es, None, 0, &pc, default);
+                    let mut ps = Vec::new();
+                    for &p in &protos {
+                        // Only entries that can match protocol p matter for it.
+                        let ep: Vec<&Entry> = es
+                            .iter()
+                            .copied()
+                            .filter(|e| {
+                                let svc = res.entry_svc(e);
+                                svc.is_empty() || svc.iter().any(|s| s.proto.is_none_or(|x| x == p))
+                            })
+                            .collect();
+                        let p2 = match port_kind(p) {
+                            None => P2::Plain(walk(res, &ep, Some(p), 0, &pc, default)),
+                            Some(k) => {
+                                let cls = &kind_classes[k as usize];
+                                let vs: Vec<(u32, Verdict)> = cls
+                                    .iter()
+                                    .map(|&c| (c, walk(res, &ep, Some(p), c, &pc, default)))
+                                    .collect();
+                                let v0 = vs[0].1;
+                                let diff: Vec<(u32, Verdict)> =
+                                    vs.into_iter().filter(|(_, v)| *v != v0).collect();
+                                if diff.is_empty() {
+                                    P2::Plain(v0)
+                                } else {
+                                    P2::Refine(v0, diff)
                                 }
-                            };
-                            if p2 != P2::Plain(other) {
-                                ps.push((p, p2));
                             }
+                        };
+                        if p2 != P2::Plain(other) {
+                            ps.push((p, p2));
                         }
-                        IdStruct { other, protos: ps }
-                    })
-                    .clone();
-                structs.push(st);
+                    }
+                    IdStruct { other, protos: ps }
+                };
+                let sid = match uniq_ids.get(&st) {
+                    Some(&x) => x,
+                    None => {
+                        let x = uniq.len() as u32;
+                        uniq_ids.insert(st.clone(), x);
+                        uniq.push(st);
+                        x
+                    }
+                };
+                memo.insert(ids, sid);
+                structs.push(sid);
             }
-            // Most common structure → IDENTITY_ANY.
-            let mut count: FxMap<&IdStruct, (usize, usize)> = FxMap::default();
-            for (i, s) in structs.iter().enumerate() {
-                count.entry(s).or_insert((0, i)).0 += 1;
+            // Most common structure → IDENTITY_ANY (ties: the one seen first).
+            let mut count: Vec<(usize, usize)> = vec![(0, usize::MAX); uniq.len()];
+            for (i, &sid) in structs.iter().enumerate() {
+                let c = &mut count[sid as usize];
+                c.0 += 1;
+                c.1 = c.1.min(i);
             }
-            let any = count
-                .iter()
-                .max_by(|a, b| a.1 .0.cmp(&b.1 .0).then(b.1 .1.cmp(&a.1 .1)))
-                .map(|(s, _)| (*s).clone())
-                .unwrap_or(IdStruct {
-                    other: default,
-                    protos: vec![],
-                });
+            let any_sid = (0..uniq.len()).max_by(|&a, &b| {
+                count[a]
+                    .0
+                    .cmp(&count[b].0)
+                    .then(count[b].1.cmp(&count[a].1))
+            });
+            let fallback = IdStruct {
+                other: default,
+                protos: vec![],
+            };
+            let any = any_sid.map_or(&fallback, |a| &uniq[a]);
             for slot in first_slot..first_slot + nslots {
-                emit(&mut policy, slot, dir, IDENTITY_ANY, &any);
-                for (i, s) in structs.iter().enumerate() {
-                    if *s != any {
-                        emit(&mut policy, slot, dir, i as u32 + 1, s);
+                emit(&mut policy, slot, dir, IDENTITY_ANY, any);
+                for (i, &sid) in structs.iter().enumerate() {
+                    if Some(sid as usize) != any_sid {
+                        emit(&mut policy, slot, dir, i as u32 + 1, &uniq[sid as usize]);
                     }
                 }
             }
