@@ -53,7 +53,8 @@ pub(crate) type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fx>>;
 pub struct Compiled {
     /// sha256 over the canonical encoding of every host's tables, in host order.
     pub revision: String,
-    pub hosts: BTreeMap<String, HostOutput>,
+    /// Shared so that an incremental compile reuses unchanged hosts without copying them.
+    pub hosts: BTreeMap<String, std::sync::Arc<HostOutput>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,7 +75,7 @@ pub fn compile(res: &Resolved) -> Compiled {
         h.update(host.as_bytes());
         h.update([0]);
         h.update(out.revision.as_bytes());
-        hosts.insert(host, out);
+        hosts.insert(host, std::sync::Arc::new(out));
     }
     Compiled {
         revision: hex(&h.finalize()),

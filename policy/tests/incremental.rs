@@ -39,6 +39,10 @@ fn incremental_recomputes_only_touched_hosts_and_equals_full_compile() {
     let res = load(&t);
     let c = inc.compile(&res);
     assert!(inc.last_recomputed >= 1);
+    assert!(
+        inc.last_fast_path,
+        "only a rule changed: the fast path applies"
+    );
     assert_eq!(c, compile(&res));
     assert_ne!(c.revision, a.revision);
     // One VM's labels: only its host.
