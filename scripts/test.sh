@@ -10,8 +10,11 @@ CRATES=(-p bulkhead-abi -p bulkhead-datapath -p bulkhead-testbed -p bulkhead-wir
 cargo fmt "${CRATES[@]}" -- --check
 cargo clippy "${CRATES[@]}" --all-targets -- -D warnings
 # The end-to-end tests run the real binaries.
-cargo build -p bulkhead-agent -p bulkhead-controller
+cargo build -p bulkhead-agent -p bulkhead-controller -p bulkhead-cli
 cargo test -p bulkhead-abi --features user
 cargo test "${CRATES[@]:2}"
+# The example policy repository must stay valid and lint-clean.
+cargo run -q -p bulkhead-cli -- policy validate -p policies
+cargo run -q -p bulkhead-cli -- policy lint -p policies --deny-findings
 # The benchmark binary must keep working: a short smoke run of its TestRun part.
 BENCH_QUICK=1 cargo bench -p bulkhead-datapath --bench datapath -- testrun

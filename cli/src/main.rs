@@ -1,4 +1,6 @@
 //! `bulkhead`, the Bulkhead admin CLI.
+mod admin;
+
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -38,6 +40,14 @@ enum Top {
     /// Work with a policy repository: validate, explain, lint, compile, plan.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// What the controller serves, what every host enforces and since when, rejected
+    /// commits (needs a system- or security-admin certificate).
+    ///
+    ///   bulkhead status --pki ~/.bulkhead --user alice
+    Status(admin::StatusArgs),
+    /// The audit trail: verify, export, compliance report, SIEM forwarding (audit-admin).
+    #[command(subcommand)]
+    Audit(bulkhead_audit::cli::AuditCommand),
 }
 
 #[derive(Args, Clone)]
@@ -133,6 +143,15 @@ enum PolicyCmd {
         #[arg(long)]
         detailed_exitcode: bool,
     },
+    /// Emergency isolation of a VM, above every tier: writes the quarantine into the policy
+    /// set (file `90-quarantine.yaml`) and validates the whole set; nothing is written if the
+    /// result would be invalid. Commit and push the file to apply it.
+    ///
+    ///   bulkhead policy quarantine add his-test-1 --mode full --reason INC-1142
+    ///   bulkhead policy quarantine add his-test-1 --mode partial --allow-group forensics
+    ///   bulkhead policy quarantine release his-test-1
+    #[command(subcommand)]
+    Quarantine(QuarantineCmd),
     /// Print the JSON Schema of policy files (or of the inventory) for editors.
     Schema {
         #[arg(long)]
@@ -140,9 +159,108 @@ enum PolicyCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum QuarantineCmd {
+    /// Isolate a VM: `full` = nothing in or out (system endpoints excepted); `partial` = only
+    /// the given groups.
+    Add {
+        #[command(flatten)]
+        input: Input,
+        vm: String,
+        #[arg(long, value_parser = ["full", "partial"], default_value = "full")]
+        mode: String,
+        /// Group that may still reach the VM (partial); repeatable.
+        #[arg(long = "allow-group")]
+        allow_group: Vec<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift the quarantine of a VM.
+    Release {
+        #[command(flatten)]
+        input: Input,
+        vm: String,
+    },
+}
+
+const QUARANTINE_FILE: &str = "90-quarantine.yaml";
+
+fn quarantine(cmd: &QuarantineCmd, out: Output) -> Result<ExitCode> {
+    use bulkhead_policy::types::{Peer, PolicyFile, Quarantine, QuarantineMode};
+    let (input, vm) = match cmd {
+        QuarantineCmd::Add { input, vm, .. } | QuarantineCmd::Release { input, vm } => (input, vm),
+    };
+    let path = input.policies.join(QUARANTINE_FILE);
+    let old = match std::fs::read_to_string(&path) {
+        Ok(s) => Some(s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut file: PolicyFile = match &old {
+        Some(s) if !s.trim().is_empty() => {
+            serde_yaml::from_str(s).with_context(|| format!("parsing {}", path.display()))?
+        }
+        _ => PolicyFile::default(),
+    };
+    // Quarantines of the same VM in other files would clash: they are reported by validation.
+    file.quarantine.retain(|q| &q.vm != vm);
+    if let QuarantineCmd::Add {
+        mode,
+        allow_group,
+        reason,
+        ..
+    } = cmd
+    {
+        file.quarantine.push(Quarantine {
+            vm: vm.clone(),
+            mode: if mode == "full" {
+                QuarantineMode::Full
+            } else {
+                QuarantineMode::Partial
+            },
+            allow: allow_group
+                .iter()
+                .map(|g| Peer {
+                    group: Some(g.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            reason: reason.clone(),
+        });
+    }
+    let text = format!(
+        "# Quarantines (written by `bulkhead policy quarantine`).\n{}",
+        serde_yaml::to_string(&file).context("encoding the quarantine file")?
+    );
+    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    if load(input, out)?.is_none() {
+        // Invalid: put the previous content back; never leave a half-applied set.
+        match &old {
+            Some(s) => std::fs::write(&path, s),
+            None => std::fs::remove_file(&path),
+        }
+        .with_context(|| format!("restoring {}", path.display()))?;
+        return Ok(ExitCode::from(1));
+    }
+    let verb = if matches!(cmd, QuarantineCmd::Add { .. }) {
+        "quarantined"
+    } else {
+        "released"
+    };
+    if out == Output::Json {
+        print_json(&json!({"vm": vm, "action": verb, "file": path}));
+    } else {
+        println!(
+            "{vm} {verb} in {} (validated); commit and push it to apply",
+            path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(&cli) {
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -152,7 +270,13 @@ fn main() -> ExitCode {
 }
 
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    use std::io::Write;
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_default()
+    );
 }
 
 /// Load; on validation errors print them and return None.
@@ -175,9 +299,33 @@ fn load(input: &Input, out: Output) -> Result<Option<(PolicySet, Resolved)>> {
     }
 }
 
-fn run(cli: &Cli) -> Result<ExitCode> {
+fn run(cli: Cli) -> Result<ExitCode> {
     let out = cli.output;
-    let Top::Policy(cmd) = &cli.command;
+    let cmd = match cli.command {
+        Top::Policy(cmd) => cmd,
+        Top::Status(a) => {
+            let s = admin::fetch(&a)?;
+            if out == Output::Json {
+                print_json(&admin::to_json(&s));
+            } else {
+                admin::print_text(&s);
+            }
+            let all_in_sync = s
+                .hosts
+                .iter()
+                .all(|h| !h.desired_digest.is_empty() && h.desired_digest == h.enforced_digest);
+            return Ok(if all_in_sync {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        Top::Audit(cmd) => {
+            let code = bulkhead_audit::cli::run(cmd, &mut std::io::stdout().lock())?;
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+    };
+    let cmd = &cmd;
     match cmd {
         PolicyCmd::Validate(input) => {
             let Some((set, res)) = load(input, out)? else {
@@ -366,6 +514,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        PolicyCmd::Quarantine(q) => quarantine(q, out),
         PolicyCmd::Schema { inventory } => {
             let s = if *inventory {
                 bulkhead_policy::inventory_schema()

@@ -304,3 +304,75 @@ fn help_teaches() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v.to_string().contains("applies_to"));
 }
+
+#[test]
+fn quarantine_as_an_emergency_action() {
+    let t = tempfile::tempdir().unwrap();
+    copy_example(t.path());
+    let d = t.path().to_str().unwrap();
+    let o = run(&[
+        "policy",
+        "quarantine",
+        "add",
+        "-p",
+        d,
+        "db-his-1",
+        "--mode",
+        "full",
+        "--reason",
+        "INC-1",
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let o = run(&[
+        "policy",
+        "explain",
+        "-p",
+        d,
+        "his-app-1",
+        "db-his-1",
+        "--port",
+        "1521",
+    ]);
+    assert!(
+        stdout(&o).contains("DENY") && stdout(&o).contains("quarantine/db-his-1"),
+        "{}",
+        stdout(&o)
+    );
+    // Invalid (unknown group): refused, file unchanged.
+    let before = std::fs::read_to_string(t.path().join("90-quarantine.yaml")).unwrap();
+    let o = run(&[
+        "policy",
+        "quarantine",
+        "add",
+        "-p",
+        d,
+        "pacs-1",
+        "--mode",
+        "partial",
+        "--allow-group",
+        "nosuch",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("group `nosuch` is not defined"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("90-quarantine.yaml")).unwrap(),
+        before
+    );
+    let o = run(&["policy", "quarantine", "release", "-p", d, "db-his-1"]);
+    assert!(o.status.success());
+    let o = run(&[
+        "policy",
+        "explain",
+        "-p",
+        d,
+        "his-app-1",
+        "db-his-1",
+        "--port",
+        "1521",
+    ]);
+    assert!(stdout(&o).contains("ALLOW"), "{}", stdout(&o));
+}

@@ -79,7 +79,7 @@ pub fn compile_tree(
         Ok((_, resolved)) => Ok(bulkhead_policy::compile(&resolved)
             .hosts
             .into_iter()
-            .map(|(h, out)| (h, out.tables))
+            .map(|(h, out)| (h, out.tables.clone()))
             .collect()),
         Err(LoadError::Invalid(diags)) => Err(diags.iter().map(|d| d.to_string()).collect()),
         Err(e) => Err(vec![e.to_string()]),

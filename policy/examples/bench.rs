@@ -227,6 +227,7 @@ fn main() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let t_load = t0.elapsed();
+    let rss_load = peak_rss_mb();
     let t1 = Instant::now();
     let mut inc = Incremental::default();
     let c = inc.compile(&res);
@@ -283,6 +284,10 @@ fn main() {
         t_load2.as_secs_f64() * 1e3
     );
     println!("| incremental compile after one rule change ({changed} host(s) recomputed: {}) | {:.1} ms |", inc.last_recomputed, t_inc.as_secs_f64() * 1e3);
-    println!("| peak RSS | {:.0} MiB |", peak_rss_mb());
+    println!("| peak RSS after parse + resolve | {rss_load:.0} MiB |");
+    println!(
+        "| peak RSS (whole run: two sets, full + incremental, cache) | {:.0} MiB |",
+        peak_rss_mb()
+    );
     println!("policy entries total {entries}, max per host {pe}, max ipcache per host {ipc}");
 }

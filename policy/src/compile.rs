@@ -17,12 +17,44 @@ use crate::load::{Entry, RAction, Resolved, SvcEntry};
 use crate::net::{fmt_mac, Net};
 use crate::types::DefaultAction;
 
+/// A small, fast, deterministic hasher for the compiler's internal maps (FxHash).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Fx(u64);
+
+impl std::hash::Hasher for Fx {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+}
+
+pub(crate) type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fx>>;
+
 /// A compiled revision: tables per host, and content hashes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Compiled {
     /// sha256 over the canonical encoding of every host's tables, in host order.
     pub revision: String,
-    pub hosts: BTreeMap<String, HostOutput>,
+    /// Shared so that an incremental compile reuses unchanged hosts without copying them.
+    pub hosts: BTreeMap<String, std::sync::Arc<HostOutput>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,19 +67,61 @@ pub struct HostOutput {
 }
 
 pub fn compile(res: &Resolved) -> Compiled {
+    let names: Vec<String> = res.hosts().into_iter().collect();
+    let outs = compile_hosts(res, &names);
     let mut hosts = BTreeMap::new();
     let mut h = Sha256::new();
-    for host in res.hosts() {
-        let out = compile_host(res, &host);
+    for (host, out) in names.into_iter().zip(outs) {
         h.update(host.as_bytes());
         h.update([0]);
         h.update(out.revision.as_bytes());
-        hosts.insert(host, out);
+        hosts.insert(host, std::sync::Arc::new(out));
     }
     Compiled {
         revision: hex(&h.finalize()),
         hosts,
     }
+}
+
+/// Compile several hosts, in parallel on the available cores (hosts are independent).
+pub fn compile_hosts(res: &Resolved, hosts: &[String]) -> Vec<HostOutput> {
+    let n = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(hosts.len().max(1));
+    if n <= 1 || hosts.len() < 2 {
+        return hosts.iter().map(|h| compile_host(res, h)).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut outs: Vec<Option<HostOutput>> = vec![None; hosts.len()];
+    let results: Vec<Vec<(usize, HostOutput)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= hosts.len() {
+                            break;
+                        }
+                        mine.push((i, compile_host(res, &hosts[i])));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    for (i, o) in results.into_iter().flatten() {
+        outs[i] = Some(o);
+    }
+    hosts
+        .iter()
+        .zip(outs)
+        .map(|(h, o)| o.unwrap_or_else(|| compile_host(res, h)))
+        .collect()
 }
 
 pub(crate) fn hex(b: &[u8]) -> String {
@@ -313,13 +387,13 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
         svcs.extend(res.entry_svc(l).iter().copied());
     }
     let used: Vec<usize> = used.into_iter().collect();
-    let local: HashMap<usize, u32> = used
+    let local: FxMap<usize, u32> = used
         .iter()
         .enumerate()
         .map(|(i, &s)| (s, i as u32))
         .collect();
     // prefix → annotations (local set, block, is_except)
-    let mut ann: HashMap<Net, Vec<(u32, u32, bool)>> = HashMap::new();
+    let mut ann: FxMap<Net, Vec<(u32, u32, bool)>> = FxMap::default();
     ann.entry(Net::all_v4()).or_default();
     ann.entry(Net::all_v6()).or_default();
     for (li, &s) in used.iter().enumerate() {
@@ -335,16 +409,30 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
         }
     }
     let mut prefixes: Vec<Net> = ann.keys().copied().collect();
+    // Prefix lengths present per family: ancestors are looked up only at these lengths.
+    let lens: [Vec<u8>; 2] = {
+        let mut l4: BTreeSet<u8> = BTreeSet::new();
+        let mut l6: BTreeSet<u8> = BTreeSet::new();
+        for p in &prefixes {
+            if p.is_v4() {
+                l4.insert(p.len);
+            } else {
+                l6.insert(p.len);
+            }
+        }
+        [l4.into_iter().collect(), l6.into_iter().collect()]
+    };
     prefixes.sort_by(|a, b| (a.len, a).cmp(&(b.len, b)));
-    let mut id_of_members: HashMap<Vec<u32>, u32> = HashMap::new();
+    let mut id_of_members: FxMap<Vec<u32>, u32> = FxMap::default();
     let mut members: Vec<Vec<u32>> = vec![vec![]]; // index = identity; 0 unused
-    let mut prefix_id: HashMap<Net, u32> = HashMap::new();
+    let mut prefix_id: FxMap<Net, u32> = FxMap::default();
     let mut ipcache = Vec::new();
-    let mut kept: HashMap<Net, u32> = HashMap::new();
+    let mut kept: FxMap<Net, u32> = FxMap::default();
     for x in &prefixes {
         let mut pos: BTreeSet<(u32, u32)> = BTreeSet::new();
         let mut neg: BTreeSet<(u32, u32)> = BTreeSet::new();
-        for l in 0..=x.len {
+        let fam = &lens[usize::from(!x.is_v4())];
+        for &l in fam.iter().take_while(|&&l| l <= x.len) {
             let a = Net::new(x.addr, l);
             if let Some(v) = ann.get(&a) {
                 for &(s, b, ex) in v {
@@ -365,9 +453,11 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
         });
         prefix_id.insert(*x, id);
         // Drop entries that resolve to the same identity as their LPM parent.
-        let parent = (0..x.len)
+        let parent = fam
+            .iter()
             .rev()
-            .find_map(|l| kept.get(&Net::new(x.addr, l)).copied());
+            .filter(|&&l| l < x.len)
+            .find_map(|&l| kept.get(&Net::new(x.addr, l)).copied());
         if parent != Some(id) {
             kept.insert(*x, id);
             ipcache.push(IpcacheEntry {
@@ -437,67 +527,95 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
                     }
                 }
             }
-            let mut memo: HashMap<&Vec<u32>, IdStruct> = HashMap::new();
-            let mut structs: Vec<IdStruct> = vec![];
+            // entry list → structure id; structures deduplicated by value.
+            let mut memo: FxMap<&Vec<u32>, u32> = FxMap::default();
+            let mut uniq: Vec<IdStruct> = vec![];
+            let mut uniq_ids: FxMap<IdStruct, u32> = FxMap::default();
+            let mut structs: Vec<u32> = Vec::with_capacity(per_id.len());
             for ids in per_id.iter().skip(1) {
-                let st = memo
-                    .entry(ids)
-                    .or_insert_with(|| {
-                        let es: Vec<&Entry> = ids.iter().map(|&j| &list[j as usize]).collect();
-                        let other = walk(res, &es, None, 0, &pc, default);
-                        let mut ps = Vec::new();
-                        for &p in &protos {
-                            let p2 = match port_kind(p) {
-                                None => P2::Plain(walk(res, &es, Some(p), 0, &pc, default)),
-                                Some(k) => {
-                                    let cls = &kind_classes[k as usize];
-                                    let vs: Vec<(u32, Verdict)> = cls
-                                        .iter()
-                                        .map(|&c| (c, walk(res, &es, Some(p), c, &pc, default)))
-                                        .collect();
-                                    let v0 = vs[0].1;
-                                    let diff: Vec<(u32, Verdict)> =
-                                        vs.into_iter().filter(|(_, v)| *v != v0).collect();
-                                    if diff.is_empty() {
-                                        P2::Plain(v0)
-                                    } else {
-                                        P2::Refine(v0, diff)
-                                    }
+                if let Some(&sid) = memo.get(ids) {
+                    structs.push(sid);
+                    continue;
+                }
+                let st = {
+                    let es: Vec<&Entry> = ids.iter().map(|&j| &list[j as usize]).collect();
+                    let other = walk(res, &es, None, 0, &pc, default);
+                    let mut ps = Vec::new();
+                    for &p in &protos {
+                        // Only entries that can match protocol p matter for it.
+                        let ep: Vec<&Entry> = es
+                            .iter()
+                            .copied()
+                            .filter(|e| {
+                                let svc = res.entry_svc(e);
+                                svc.is_empty() || svc.iter().any(|s| s.proto.is_none_or(|x| x == p))
+                            })
+                            .collect();
+                        let p2 = match port_kind(p) {
+                            None => P2::Plain(walk(res, &ep, Some(p), 0, &pc, default)),
+                            Some(k) => {
+                                let cls = &kind_classes[k as usize];
+                                let vs: Vec<(u32, Verdict)> = cls
+                                    .iter()
+                                    .map(|&c| (c, walk(res, &ep, Some(p), c, &pc, default)))
+                                    .collect();
+                                let v0 = vs[0].1;
+                                let diff: Vec<(u32, Verdict)> =
+                                    vs.into_iter().filter(|(_, v)| *v != v0).collect();
+                                if diff.is_empty() {
+                                    P2::Plain(v0)
+                                } else {
+                                    P2::Refine(v0, diff)
                                 }
-                            };
-                            if p2 != P2::Plain(other) {
-                                ps.push((p, p2));
                             }
+                        };
+                        if p2 != P2::Plain(other) {
+                            ps.push((p, p2));
                         }
-                        IdStruct { other, protos: ps }
-                    })
-                    .clone();
-                structs.push(st);
+                    }
+                    IdStruct { other, protos: ps }
+                };
+                let sid = match uniq_ids.get(&st) {
+                    Some(&x) => x,
+                    None => {
+                        let x = uniq.len() as u32;
+                        uniq_ids.insert(st.clone(), x);
+                        uniq.push(st);
+                        x
+                    }
+                };
+                memo.insert(ids, sid);
+                structs.push(sid);
             }
-            // Most common structure → IDENTITY_ANY.
-            let mut count: HashMap<&IdStruct, (usize, usize)> = HashMap::new();
-            for (i, s) in structs.iter().enumerate() {
-                count.entry(s).or_insert((0, i)).0 += 1;
+            // Most common structure → IDENTITY_ANY (ties: the one seen first).
+            let mut count: Vec<(usize, usize)> = vec![(0, usize::MAX); uniq.len()];
+            for (i, &sid) in structs.iter().enumerate() {
+                let c = &mut count[sid as usize];
+                c.0 += 1;
+                c.1 = c.1.min(i);
             }
-            let any = count
-                .iter()
-                .max_by(|a, b| a.1 .0.cmp(&b.1 .0).then(b.1 .1.cmp(&a.1 .1)))
-                .map(|(s, _)| (*s).clone())
-                .unwrap_or(IdStruct {
-                    other: default,
-                    protos: vec![],
-                });
+            let any_sid = (0..uniq.len()).max_by(|&a, &b| {
+                count[a]
+                    .0
+                    .cmp(&count[b].0)
+                    .then(count[b].1.cmp(&count[a].1))
+            });
+            let fallback = IdStruct {
+                other: default,
+                protos: vec![],
+            };
+            let any = any_sid.map_or(&fallback, |a| &uniq[a]);
             for slot in first_slot..first_slot + nslots {
-                emit(&mut policy, slot, dir, IDENTITY_ANY, &any);
-                for (i, s) in structs.iter().enumerate() {
-                    if *s != any {
-                        emit(&mut policy, slot, dir, i as u32 + 1, s);
+                emit(&mut policy, slot, dir, IDENTITY_ANY, any);
+                for (i, &sid) in structs.iter().enumerate() {
+                    if Some(sid as usize) != any_sid {
+                        emit(&mut policy, slot, dir, i as u32 + 1, &uniq[sid as usize]);
                     }
                 }
             }
         }
     }
-    policy.sort_by_key(|e: &(PolicyKey, Verdict)| e.0);
+    policy.sort_by_key(|a: &(PolicyKey, Verdict)| a.0);
     let tables = HostTables {
         endpoints,
         ipcache,

@@ -44,13 +44,18 @@ pub enum LoadError {
     Invalid(Vec<Diagnostic>),
 }
 
+/// `(key, value)` → positions (line, column) of the value.
+pub type LocIndex = HashMap<(String, String), Vec<(usize, usize)>>;
+
+type Resolution = (BTreeSet<usize>, Vec<(Net, Vec<Net>)>);
+
 /// A source file kept for locating semantic errors.
 #[derive(Clone, Debug)]
 pub struct Source {
     pub path: PathBuf,
     pub text: String,
     /// Lazily built `key: value` → positions index (see [`Source::locate`]).
-    pub index: std::sync::OnceLock<LocationIndex>,
+    pub index: std::sync::OnceLock<LocIndex>,
 }
 
 impl Source {
@@ -306,6 +311,8 @@ pub struct Resolved {
     pub groups: Vec<(String, Vec<usize>, usize)>,
     /// Group names referenced anywhere.
     pub used_groups: BTreeSet<String>,
+    /// Per VM: the rules that judge it, in order, `true` = reflected (symmetric) instance.
+    pub vm_rules: Vec<Vec<(u32, bool)>>,
 }
 
 /// Kind of an entry in an endpoint's ordered list.
@@ -391,26 +398,24 @@ impl Resolved {
             });
         }
         let base = 1 + nsys + self.quarantine.len() as u32;
-        for (i, r) in self.rules.iter().enumerate() {
-            let mk = |peers, reflected| Entry {
-                kind: EntryKind::Rule { rule: i, reflected },
+        for &(i, reflected) in &self.vm_rules[vm] {
+            let r = &self.rules[i as usize];
+            // Original rules judge the rule's own direction; reflected ones the opposite.
+            if (r.dir == dir) == reflected {
+                continue;
+            }
+            out.push(Entry {
+                kind: EntryKind::Rule {
+                    rule: i as usize,
+                    reflected,
+                },
                 tier: Some(r.tier),
                 action: r.action,
                 monitor: r.monitor,
                 log: r.log,
-                peers,
-                rule_index: base + i as u32,
-            };
-            if r.dir == dir && r.applies.binary_search(&vm).is_ok() {
-                out.push(mk(r.peers, false));
-            }
-            if r.symmetric
-                && r.action == RAction::Allow
-                && r.dir != dir
-                && r.peer_vms.binary_search(&vm).is_ok()
-            {
-                out.push(mk(r.applies_set, true));
-            }
+                peers: if reflected { r.applies_set } else { r.peers },
+                rule_index: base + i,
+            });
         }
         out
     }
@@ -444,12 +449,6 @@ pub fn dir_name(d: u8) -> &'static str {
 }
 
 // ------------------------------------------------------------------- loading ----
-
-/// (key, value) → (line, column) of each occurrence, built on first use.
-pub type LocationIndex = HashMap<(String, String), Vec<(usize, usize)>>;
-
-/// A group's member VMs (indices) and address blocks with their exceptions.
-type GroupMembers = (BTreeSet<usize>, Vec<(Net, Vec<Net>)>);
 
 /// The raw policy set: every file parsed, with its source.
 #[derive(Clone, Debug, Default)]
@@ -596,7 +595,7 @@ struct Resolver<'a> {
     sets: Vec<AddrSet>,
     set_ids: HashMap<AddrSet, usize>,
     /// group name → (vms, blocks), memoised.
-    group_cache: HashMap<String, GroupMembers>,
+    group_cache: HashMap<String, Resolution>,
     used_groups: BTreeSet<String>,
 }
 
@@ -928,7 +927,7 @@ impl<'a> Resolver<'a> {
                 let _ = at;
             }
         }
-        rules.sort_by_key(|r| (r.tier, r.priority, r.pos));
+        rules.sort_by_key(|a| (a.tier, a.priority, a.pos));
         // Quarantine.
         let mut quarantine = Vec::new();
         let mut qseen = BTreeSet::new();
@@ -984,7 +983,19 @@ impl<'a> Resolver<'a> {
             }
         }
         quarantine.sort_by_key(|q| q.vm);
+        let mut vm_rules: Vec<Vec<(u32, bool)>> = vec![Vec::new(); self.vms.len()];
+        for (i, r) in rules.iter().enumerate() {
+            for &v in &r.applies {
+                vm_rules[v].push((i as u32, false));
+            }
+            if r.symmetric && r.action == RAction::Allow {
+                for &v in &r.peer_vms {
+                    vm_rules[v].push((i as u32, true));
+                }
+            }
+        }
         Resolved {
+            vm_rules,
             tiers,
             default_action,
             vms: self.vms,

@@ -1,6 +1,7 @@
 //! Property test: for random inventories and policy sets, the compiled tables read through
 //! `TableIndex::decide` (the datapath's model) agree with the reference evaluator on every
 //! sampled flow.
+#![allow(clippy::type_complexity)]
 use std::collections::BTreeMap;
 
 use bulkhead_abi::model::FlowQuery;
@@ -144,7 +145,6 @@ fn rule_strategy(nvms: usize) -> impl Strategy<Value = (Action, Vec<Peer>, Vec<S
     )
 }
 
-#[allow(clippy::type_complexity)] // a proptest strategy's value tuple
 fn policy_strategy(
     nvms: usize,
 ) -> impl Strategy<

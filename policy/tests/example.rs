@@ -198,3 +198,46 @@ fn compile_is_deterministic() {
         assert_eq!(t.rules[0], "default");
     }
 }
+
+#[test]
+fn endpoint_flags_and_shared_addresses_reach_the_tables() {
+    let (_, res) = example();
+    let c = compile(&res);
+    let ep = |host: &str, id_prefix: &str| {
+        c.hosts[host]
+            .tables
+            .endpoints
+            .iter()
+            .find(|e| e.id.starts_with(id_prefix))
+            .cloned()
+            .unwrap_or_else(|| panic!("{id_prefix} on {host}"))
+    };
+    assert_eq!(ep("kvm-02", "his-test-1/").flags & EP_MONITOR, EP_MONITOR);
+    assert_eq!(
+        ep("kvm-01", "dhcp-1/").flags & EP_INFRA_SERVER,
+        EP_INFRA_SERVER
+    );
+    assert_eq!(ep("kvm-01", "his-app-1/").flags, 0);
+    let vip: std::net::IpAddr = "10.30.0.10".parse().unwrap();
+    assert!(ep("kvm-02", "dmz-proxy-1/").addrs.contains(&vip));
+    assert!(ep("kvm-03", "dmz-proxy-2/").addrs.contains(&vip));
+    // backup-1 has two interfaces: two slots with their own addresses.
+    let b: Vec<_> = c.hosts["kvm-03"]
+        .tables
+        .endpoints
+        .iter()
+        .filter(|e| e.id.starts_with("backup-1/"))
+        .collect();
+    assert_eq!(b.len(), 2);
+    assert_eq!(b[0].id, "backup-1/52:54:00:10:00:0a");
+    // The VIP is a managed address: internet → VIP https is allowed on both proxies.
+    let d = evaluate(
+        &res,
+        res.vm_by_name["dmz-proxy-1"],
+        DIR_INGRESS,
+        "198.51.100.9".parse().unwrap(),
+        6,
+        443,
+    );
+    assert_eq!(d.action, ACTION_ALLOW);
+}

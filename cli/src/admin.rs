@@ -1,0 +1,144 @@
+//! `bulkhead status`: what the controller serves and what every host enforces, over the
+//! admin API with an administrator certificate.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use bulkhead_wire::pb;
+use clap::Args;
+use serde_json::json;
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Controller admin/gRPC address.
+    #[arg(
+        long,
+        env = "BULKHEAD_CONTROLLER",
+        default_value = "https://127.0.0.1:7443"
+    )]
+    pub controller: String,
+    /// Name the controller's certificate carries.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+    /// Directory with ca.crt and USER.crt / USER.key (`bulkhead-controller pki admin USER`).
+    #[arg(long, env = "BULKHEAD_PKI", default_value = ".")]
+    pub pki: PathBuf,
+    /// Administrator whose certificate to use (system-admin or security-admin role).
+    #[arg(long, env = "BULKHEAD_USER")]
+    pub user: String,
+}
+
+fn short(s: &str) -> &str {
+    s.get(..10).unwrap_or(s)
+}
+
+fn when(unix: i64) -> String {
+    if unix == 0 {
+        return "-".into();
+    }
+    let ago = crate_now() - unix;
+    match ago {
+        i64::MIN..=59 => format!("{ago}s ago"),
+        60..=3599 => format!("{}m ago", ago / 60),
+        _ => format!("{}h ago", ago / 3600),
+    }
+}
+
+fn crate_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+pub fn fetch(a: &StatusArgs) -> Result<pb::StatusReply> {
+    let read = |f: String| {
+        let p = a.pki.join(&f);
+        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+    };
+    let (ca, cert, key) = (
+        read("ca.crt".into())?,
+        read(format!("{}.crt", a.user))?,
+        read(format!("{}.key", a.user))?,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let ch = bulkhead_wire::connect(&a.controller, &a.server_name, &ca, &cert, &key)
+            .await
+            .with_context(|| format!("connecting to {}", a.controller))?;
+        let reply = pb::admin_client::AdminClient::new(ch)
+            .status(pb::StatusRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?;
+        Ok(reply.into_inner())
+    })
+}
+
+pub fn to_json(s: &pb::StatusReply) -> serde_json::Value {
+    let rev = |r: &Option<pb::Revision>| {
+        r.as_ref().map(|r| {
+            json!({"commit": r.commit, "author": r.author, "committer": r.committer,
+                   "commit_time_unix": r.commit_time_unix, "summary": r.summary})
+        })
+    };
+    json!({
+        "serving": rev(&s.serving),
+        "rejected": s.rejected.iter().map(|r| json!({
+            "revision": rev(&r.revision), "errors": r.errors, "at_unix": r.at_unix})).collect::<Vec<_>>(),
+        "hosts": s.hosts.iter().map(|h| json!({
+            "host": h.host, "connected": h.connected, "connected_since_unix": h.connected_since_unix,
+            "enforced_digest": h.enforced_digest, "enforced_commit": h.enforced_commit,
+            "enforced_since_unix": h.enforced_since_unix, "desired_digest": h.desired_digest,
+            "in_sync": !h.desired_digest.is_empty() && h.desired_digest == h.enforced_digest,
+            "vms": h.vms, "last_error": h.last_error, "unbound": h.unbound})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn print_text(s: &pb::StatusReply) {
+    match &s.serving {
+        Some(r) => println!(
+            "serving   {} \"{}\" by {}",
+            short(&r.commit),
+            r.summary,
+            r.author
+        ),
+        None => println!("serving   nothing yet (no valid commit)"),
+    }
+    println!(
+        "\n{:<12} {:<10} {:<12} {:<9} {:<10} {:>4}  note",
+        "HOST", "AGENT", "ENFORCES", "IN SYNC", "SINCE", "VMS"
+    );
+    for h in &s.hosts {
+        let in_sync = !h.desired_digest.is_empty() && h.desired_digest == h.enforced_digest;
+        let note = if !h.last_error.is_empty() {
+            format!("error: {}", h.last_error)
+        } else if !h.unbound.is_empty() {
+            format!("not on this host: {}", h.unbound.join(", "))
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<12} {:<10} {:<12} {:<9} {:<10} {:>4}  {}",
+            h.host,
+            if h.connected { "connected" } else { "away" },
+            short(&h.enforced_commit),
+            if in_sync { "yes" } else { "NO" },
+            when(h.enforced_since_unix),
+            h.vms.len(),
+            note
+        );
+    }
+    if !s.rejected.is_empty() {
+        println!("\nrejected commits (newest first):");
+        for r in &s.rejected {
+            let (c, summary) = r
+                .revision
+                .as_ref()
+                .map_or(("", ""), |v| (short(&v.commit), v.summary.as_str()));
+            println!("  {c} \"{summary}\"");
+            for e in &r.errors {
+                println!("    {e}");
+            }
+        }
+    }
+}
