@@ -16,5 +16,7 @@ cargo test "${CRATES[@]:2}"
 # The example policy repository must stay valid and lint-clean.
 cargo run -q -p bulkhead-cli -- policy validate -p policies
 cargo run -q -p bulkhead-cli -- policy lint -p policies --deny-findings
-# The benchmark binary must keep working: a short smoke run of its TestRun part.
+# The benchmarks must keep working: short smoke runs (full runs: BENCHMARKS.md).
 BENCH_QUICK=1 cargo bench -p bulkhead-datapath --bench datapath -- testrun
+cargo run --release -q -p bulkhead-policy --example bench -- 1000 50 200 10 10
+cargo run --release -q -p bulkhead-controller --example fanout -- 20
