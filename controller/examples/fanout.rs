@@ -120,8 +120,22 @@ async fn agent(
                 (s.digest, t)
             }
             Some(pb::controller_message::Kind::Delta(d)) => {
-                let t = bulkhead_wire::apply_delta(&held, &d).expect("delta applies");
-                (d.digest, t)
+                match bulkhead_wire::apply_delta(&held, &d) {
+                    Ok(t) => (d.digest, t),
+                    // As the real agent does: keep what it has, ask for a snapshot.
+                    Err(_) => {
+                        let _ = tx
+                            .send(pb::AgentMessage {
+                                kind: Some(pb::agent_message::Kind::Ack(pb::Ack {
+                                    digest: d.digest,
+                                    resync: true,
+                                    ..Default::default()
+                                })),
+                            })
+                            .await;
+                        continue;
+                    }
+                }
             }
             None => continue,
         };

@@ -110,15 +110,22 @@ async fn run_session(
         // Push if what the host should enforce differs from what we last sent it.
         if let Some((revision, want, detected)) = ctl.desired(&host) {
             if want.digest != sent && want.digest != held || need_snapshot {
-                let base = (!need_snapshot && !held.is_empty())
-                    .then(|| ctl.known(&host, &held))
+                // The agent applies messages in order: what it holds once the last message is
+                // applied is what we sent (a failed apply comes back as a resync request).
+                let base_digest = if sent.is_empty() { held.clone() } else { sent.clone() };
+                let base = (!need_snapshot && !base_digest.is_empty())
+                    .then(|| ctl.known(&host, &base_digest))
                     .flatten();
-                let msg = match base {
+                // Building a message is CPU work over the whole tables: keep it off the
+                // threads that drive the other sessions' I/O.
+                let msg = tokio::task::block_in_place(|| match base {
                     Some(base) => {
                         ctl.metrics.deltas.inc();
-                        pb::controller_message::Kind::Delta(bulkhead_wire::delta(
+                        pb::controller_message::Kind::Delta(bulkhead_wire::delta_with_digests(
                             &base,
+                            &base_digest,
                             &want.tables,
+                            &want.digest,
                             revision,
                         ))
                     }
@@ -130,7 +137,7 @@ async fn run_session(
                             tables: Some(bulkhead_wire::tables_to_pb(&want.tables)),
                         })
                     }
-                };
+                });
                 if tx
                     .send(Ok(pb::ControllerMessage { kind: Some(msg) }))
                     .await

@@ -259,6 +259,17 @@ fn ipcache_key(e: &pb::IpcacheEntry) -> (Vec<u8>, u32) {
 
 /// The changes from `base` to `next`.
 pub fn delta(base: &HostTables, next: &HostTables, revision: pb::Revision) -> pb::Delta {
+    delta_with_digests(base, &digest(base), next, &digest(next), revision)
+}
+
+/// [`delta`] when both digests are already known (the controller keeps them).
+pub fn delta_with_digests(
+    base: &HostTables,
+    base_digest: &str,
+    next: &HostTables,
+    next_digest: &str,
+    revision: pb::Revision,
+) -> pb::Delta {
     let (b, n) = (tables_to_pb(base), tables_to_pb(next));
     let b_eps: BTreeMap<&str, &pb::Endpoint> =
         b.endpoints.iter().map(|e| (e.id.as_str(), e)).collect();
@@ -274,8 +285,8 @@ pub fn delta(base: &HostTables, next: &HostTables, revision: pb::Revision) -> pb
         n.policy.iter().map(|e| (policy_key(e), e)).collect();
     pb::Delta {
         revision: Some(revision),
-        base_digest: digest(base),
-        digest: digest(next),
+        base_digest: base_digest.to_string(),
+        digest: next_digest.to_string(),
         endpoints_upsert: n
             .endpoints
             .iter()
