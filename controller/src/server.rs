@@ -112,7 +112,11 @@ async fn run_session(
             if want.digest != sent && want.digest != held || need_snapshot {
                 // The agent applies messages in order: what it holds once the last message is
                 // applied is what we sent (a failed apply comes back as a resync request).
-                let base_digest = if sent.is_empty() { held.clone() } else { sent.clone() };
+                let base_digest = if sent.is_empty() {
+                    held.clone()
+                } else {
+                    sent.clone()
+                };
                 let base = (!need_snapshot && !base_digest.is_empty())
                     .then(|| ctl.known(&host, &base_digest))
                     .flatten();
