@@ -48,9 +48,17 @@ pub struct RuleCounters {
 
 impl RuleCounters {
     fn add(&mut self, s: &RuleStats) {
-        self.packets += s.packets;
-        self.bytes += s.bytes;
-        self.last_hit_ns = self.last_hit_ns.max(s.last_hit_ns);
+        self.merge(&RuleCounters {
+            packets: s.packets,
+            bytes: s.bytes,
+            last_hit_ns: s.last_hit_ns,
+        });
+    }
+
+    fn merge(&mut self, o: &RuleCounters) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.last_hit_ns = self.last_hit_ns.max(o.last_hit_ns);
     }
 }
 
@@ -521,10 +529,7 @@ impl Tables {
                 .get(rule as usize)
                 .cloned()
                 .unwrap_or_else(|| format!("rule#{rule}@unknown-revision"));
-            let total = self.retired.entry(name).or_default();
-            total.packets += sum.packets;
-            total.bytes += sum.bytes;
-            total.last_hit_ns = total.last_hit_ns.max(sum.last_hit_ns);
+            self.retired.entry(name).or_default().merge(&sum);
             self.maps
                 .rule_stats
                 .set(idx, zero().map_err(DatapathError::Cpus)?, 0)

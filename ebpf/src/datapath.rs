@@ -152,7 +152,7 @@ fn quotes_tracked_flow(c: &Cx, inner: &Pkt, now: u64) -> bool {
     match unsafe { CONNTRACK.get(&k) } {
         Some(e) if e.expires_ns > now => {
             stat(STAT_CT_HIT);
-            count(c, e.rule, ACTION_ALLOW);
+            count(c, e.rule, ACTION_ALLOW, now);
             true
         }
         _ => false,
@@ -202,7 +202,7 @@ fn tracked(
         } else {
             let _ = CONNTRACK.remove(key);
             stat(STAT_CT_REVOKED);
-            count(c, rule, ACTION_DENY);
+            count(c, rule, ACTION_DENY, now);
             event(
                 c,
                 EVENT_REVOKED,
@@ -235,7 +235,7 @@ fn tracked(
     } else {
         ACTION_ALLOW
     };
-    count(c, e.rule, outcome);
+    count(c, e.rule, outcome, now);
     PASS
 }
 
@@ -295,7 +295,7 @@ fn new_flow(c: &Cx, eth: &EthHdr, pkt: &Pkt, key: &CtKey, src_is_a: bool, now: u
         if pkt.frag == FRAG_FIRST {
             remember_fragments(c, pkt, now);
         }
-        count(c, rule, action);
+        count(c, rule, action, now);
         if action == ACTION_MONITOR {
             stat(STAT_MONITOR_PASS);
             event(c, EVENT_MONITOR, REASON_POLICY, rule, d.identity, Some(pkt));
@@ -314,7 +314,7 @@ fn new_flow(c: &Cx, eth: &EthHdr, pkt: &Pkt, key: &CtKey, src_is_a: bool, now: u
         }
         return PASS;
     }
-    count(c, rule, ACTION_DENY);
+    count(c, rule, ACTION_DENY, now);
     if d.verdict.is_none() {
         stat(STAT_DROP_BOOTSTRAP);
         event(
@@ -568,10 +568,10 @@ fn event(c: &Cx, kind: u8, reason: u8, rule: u32, identity: u32, pkt: Option<&Pk
     emit(c.cfg.event_rate, &info, pkt);
 }
 
-/// Per-rule and per-endpoint counters (per CPU).
+/// Per-rule and per-endpoint counters (per CPU). `now` is the packet's one clock read,
+/// shared with conntrack.
 #[inline(always)]
-fn count(c: &Cx, rule: u32, outcome: u8) {
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+fn count(c: &Cx, rule: u32, outcome: u8, now: u64) {
     if let Some(r) = RULE_STATS.get_ptr_mut(rule_stats_index(c.gen, rule)) {
         // SAFETY: per-CPU value.
         let r = unsafe { &mut *r };
