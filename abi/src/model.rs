@@ -26,6 +26,24 @@ pub struct HostTables {
     pub rules: Vec<String>,
 }
 
+/// `aa:bb:cc:dd:ee:ff`, lower case: how MACs are written in ids, inventories and commands.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    let mut s = String::with_capacity(17);
+    for (i, b) in mac.iter().enumerate() {
+        if i > 0 {
+            s.push(':');
+        }
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// The id of a VM interface (`<vm-name>/<mac>`): how the compiler names an endpoint and how
+/// the agent finds the interface it binds to.
+pub fn endpoint_id(vm: &str, mac: &[u8; 6]) -> String {
+    format!("{vm}/{}", format_mac(mac))
+}
+
 /// One VM interface in the compiled tables.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointTable {

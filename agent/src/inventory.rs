@@ -69,19 +69,13 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(out)
 }
 
-pub fn format_mac(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 impl Vm {
     /// Endpoint id of an interface (`<vm>/<mac>`).
     pub fn endpoint_id(&self, iface: &Interface) -> String {
-        let mac =
-            parse_mac(&iface.mac).map_or_else(|| iface.mac.to_lowercase(), |m| format_mac(&m));
-        format!("{}/{mac}", self.name)
+        match parse_mac(&iface.mac) {
+            Some(m) => bulkhead_abi::model::endpoint_id(&self.name, &m),
+            None => format!("{}/{}", self.name, iface.mac.to_lowercase()),
+        }
     }
 }
 

@@ -33,15 +33,12 @@ pub fn inventory(vms: &[InventoryVm]) -> Inventory {
                     .vm
                     .interfaces
                     .iter()
-                    .filter(|i| i.mac.len() == 6)
-                    .map(|i| Interface {
-                        mac: i
-                            .mac
-                            .iter()
-                            .map(|b| format!("{b:02x}"))
-                            .collect::<Vec<_>>()
-                            .join(":"),
-                        ips: i.addresses.clone(),
+                    .filter_map(|i| {
+                        let mac: [u8; 6] = i.mac.as_slice().try_into().ok()?;
+                        Some(Interface {
+                            mac: bulkhead_abi::model::format_mac(&mac),
+                            ips: i.addresses.clone(),
+                        })
                     })
                     .collect(),
                 infra_server: false,

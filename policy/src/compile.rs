@@ -14,7 +14,7 @@ use bulkhead_abi::*;
 use sha2::{Digest, Sha256};
 
 use crate::load::{Entry, RAction, Resolved, SvcEntry};
-use crate::net::{fmt_mac, Net};
+use crate::net::Net;
 use crate::types::DefaultAction;
 
 /// A small, fast, deterministic hasher for the compiler's internal maps (FxHash).
@@ -504,7 +504,7 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
             let mut addrs = ips.clone();
             addrs.extend(shared.iter().copied());
             endpoints.push(EndpointTable {
-                id: format!("{}/{}", vm.name, fmt_mac(mac)),
+                id: bulkhead_abi::model::endpoint_id(&vm.name, mac),
                 mac: *mac,
                 addrs,
                 flags,

@@ -189,11 +189,7 @@ impl Lab {
             self.tag_byte(),
             idx,
         ];
-        let mac_s = mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":");
+        let mac_s = bulkhead_abi::model::format_mac(&mac);
         run("ip", &["netns", "add", &netns])?;
         self.netns.push(netns.clone());
         run(

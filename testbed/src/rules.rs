@@ -43,8 +43,7 @@ pub fn allow(vm: usize, dir: u8, peer: Option<usize>, proto: u8, port: Option<u1
 }
 
 pub fn endpoint_id(vm: &Vm) -> String {
-    let mac: Vec<String> = vm.mac.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}/{}", vm.name, mac.join(":"))
+    bulkhead_abi::model::endpoint_id(&vm.name, &vm.mac)
 }
 
 pub fn bindings(vms: &[Vm]) -> HashMap<String, u32> {
