@@ -298,12 +298,7 @@ impl Host {
                 labels: self.labels[&v.name].clone(),
                 interfaces: vec![InvIface {
                     device: v.host_if.clone(),
-                    mac: v
-                        .mac
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(":"),
+                    mac: bulkhead_abi::model::format_mac(&v.mac),
                     addresses: vec![v.ipv4.to_string(), v.ipv6.to_string()],
                 }],
             })
@@ -463,6 +458,9 @@ pub fn status_blocking(port: u16, ca: &Pem, admin: &Pem) -> Result<pb::StatusRep
         .block_on(status(port, ca, admin))
 }
 
+/// The example's security-tier policy file.
+pub const SECURITY_POLICY: &str = "policies/30-security.yaml";
+
 /// Ports every cluster VM serves (TCP and UDP echo): postgres, ssh, https.
 pub const SERVED_PORTS: [u16; 3] = [5432, 22, 443];
 
@@ -607,6 +605,25 @@ impl Cluster {
         self.vm(from).tcp_works(
             SocketAddr::new(std::net::IpAddr::V4(to.ipv4), port),
             Duration::from_millis(700),
+        )
+    }
+
+    /// Commit the example policy without the jump host's SSH/RDP rule (`sec-ssh-from-jump`);
+    /// returns the commit id. The change the demo and the tests make.
+    pub fn commit_revoke_jump_ssh(&self) -> Result<String> {
+        let text = std::fs::read_to_string(self.repo.dir.join(SECURITY_POLICY))?;
+        let start = text
+            .find("      - id: sec-ssh-from-jump")
+            .context("rule sec-ssh-from-jump not in the example")?;
+        let end = text[start..]
+            .find("      - id: sec-ssh-from-elsewhere")
+            .context("rule sec-ssh-from-elsewhere not in the example")?
+            + start;
+        let changed = format!("{}{}", &text[..start], &text[end..]);
+        self.repo.commit_file(
+            SECURITY_POLICY,
+            &changed,
+            "Revoke jump-host SSH/RDP (change CHG-2211)",
         )
     }
 

@@ -5,26 +5,11 @@ use std::time::Duration;
 
 use bulkhead_e2e::{wait_until, Cluster};
 
-const SECURITY: &str = "policies/30-security.yaml";
-
 fn cluster(test: &str) -> Option<Cluster> {
     if bulkhead_testbed::skip(test) {
         return None;
     }
     Some(Cluster::start().unwrap_or_else(|e| panic!("{test}: cluster did not start: {e:#}")))
-}
-
-/// The policy file without the jump host's SSH/RDP access.
-fn security_without_jump_ssh(c: &Cluster) -> String {
-    let text = std::fs::read_to_string(c.repo.dir.join(SECURITY)).expect("read");
-    let start = text
-        .find("      - id: sec-ssh-from-jump")
-        .expect("sec-ssh-from-jump rule");
-    let end = text[start..]
-        .find("      - id: sec-ssh-from-elsewhere")
-        .expect("next rule")
-        + start;
-    format!("{}{}", &text[..start], &text[end..])
 }
 
 #[test]
@@ -40,14 +25,7 @@ fn commits_are_enforced_everywhere_and_an_invalid_commit_changes_nothing() {
     assert!(!c.reach("his-app", "emr-app", 443));
 
     // Revision 2 revokes the jump host's SSH.
-    let commit = c
-        .repo
-        .commit_file(
-            SECURITY,
-            &security_without_jump_ssh(&c),
-            "Revoke jump-host SSH",
-        )
-        .expect("commit");
+    let commit = c.commit_revoke_jump_ssh().expect("commit");
     let took = c
         .wait_enforced(&commit, Duration::from_secs(10))
         .expect("enforced");
@@ -105,14 +83,7 @@ fn agents_keep_enforcing_without_the_controller_and_resync_when_it_returns() {
     drop(ctl); // SIGKILL
     assert!(c.reach("emr-app", "emr-db", 5432), "still allowed");
     assert!(!c.reach("pacs-1", "emr-db", 5432), "still denied");
-    let commit = c
-        .repo
-        .commit_file(
-            SECURITY,
-            &security_without_jump_ssh(&c),
-            "Revoke jump-host SSH",
-        )
-        .expect("commit");
+    let commit = c.commit_revoke_jump_ssh().expect("commit");
     assert!(
         c.reach("jump-1", "emr-db", 22),
         "old policy while the controller is away"

@@ -66,20 +66,8 @@ fn demo() -> Result<()> {
     step(
         "A security administrator commits: the jump host loses SSH/RDP (policies/30-security.yaml)",
     );
-    let path = "policies/30-security.yaml";
-    let text = std::fs::read_to_string(c.repo.dir.join(path))?;
-    let start = text
-        .find("      - id: sec-ssh-from-jump")
-        .context("sec-ssh-from-jump rule")?;
-    let end = text[start..]
-        .find("      - id: sec-ssh-from-elsewhere")
-        .context("next rule")?
-        + start;
-    let changed = format!("{}{}", &text[..start], &text[end..]);
     let t0 = Instant::now();
-    let commit =
-        c.repo
-            .commit_file(path, &changed, "Revoke jump-host SSH/RDP (change CHG-2211)")?;
+    let commit = c.commit_revoke_jump_ssh()?;
     c.wait_enforced(&commit, Duration::from_secs(10))?;
     let took = t0.elapsed();
     println!(
