@@ -114,6 +114,10 @@ pub const CT_TIMEOUT_UDP_REPLIED: u64 = 180 * SEC;
 pub const CT_TIMEOUT_ICMP: u64 = 30 * SEC;
 pub const CT_TIMEOUT_OTHER: u64 = 60 * SEC;
 pub const FRAG_TIMEOUT: u64 = 30 * SEC;
+/// A tracked packet moves its entry's expiry only when that gains more than this: the
+/// entry's cache line is not written by every packet, from every CPU. Timeouts stay exact to
+/// within one second (the shortest is 10 s).
+pub const CT_REFRESH_SLACK: u64 = SEC;
 
 // ---- Events ----------------------------------------------------------------------------
 pub const EVENT_DENY: u8 = 1;

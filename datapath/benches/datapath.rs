@@ -248,6 +248,8 @@ fn bench_test_run() {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Enforcement {
     None,
+    /// The pass-everything program on both hooks: what TCX itself costs.
+    EmptyProgram,
     Bulkhead(usize),
     Iptables(usize),
 }
@@ -256,6 +258,7 @@ impl Enforcement {
     fn label(self) -> String {
         match self {
             Enforcement::None => "no program".into(),
+            Enforcement::EmptyProgram => "empty TC program".into(),
             Enforcement::Bulkhead(n) => format!("bulkhead, {n} rules"),
             Enforcement::Iptables(n) => format!("iptables, {n} rules"),
         }
@@ -449,6 +452,7 @@ fn bench_namespaces() {
     let tables_100k = policy_tables(100_000, &sep, &cep);
     let conditions = [
         Enforcement::None,
+        Enforcement::EmptyProgram,
         Enforcement::Bulkhead(10),
         Enforcement::Bulkhead(100_000),
         Enforcement::Iptables(10),
@@ -465,8 +469,18 @@ fn bench_namespaces() {
         // Rotate the order each round: no condition always runs first (or last).
         for i in 0..conditions.len() {
             let c = conditions[(i + round) % conditions.len()];
+            let mut baseline_links = Vec::new();
             let _chain = match c {
                 Enforcement::None => None,
+                Enforcement::EmptyProgram => {
+                    for vm in [&client, &server] {
+                        baseline_links.extend(
+                            dp.attach_bench_baseline(vm.ifindex)
+                                .expect("attach baseline"),
+                        );
+                    }
+                    None
+                }
                 Enforcement::Bulkhead(n) => {
                     let t = if n == 10 { &tables_10 } else { &tables_100k };
                     tables.apply(t, &bindings).expect("apply");
@@ -490,6 +504,8 @@ fn bench_namespaces() {
                 "{c:?}: traffic failed"
             );
             results.entry(c.label()).or_default().push(t);
+            dp.detach_bench_baseline(baseline_links)
+                .expect("detach baseline");
             for vm in [&client, &server] {
                 dp.detach(vm.ifindex).expect("detach");
             }

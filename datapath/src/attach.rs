@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::SchedClassifierLink;
+use aya::programs::tc::{SchedClassifierLink, SchedClassifierLinkId};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttach, TcAttachType};
 
 use crate::{DatapathError, Hook};
@@ -92,6 +92,27 @@ pub(crate) fn attach_hook(
         .pin(&pin)
         .map_err(|source| DatapathError::Pin { path: pin, source })?;
     Ok(AttachOutcome::Created)
+}
+
+/// Attach `prog` at ingress and egress of `ifindex` without pinning (benchmark baseline).
+pub(crate) fn attach_unpinned(
+    prog: &mut SchedClassifier,
+    ifindex: u32,
+) -> Result<Vec<SchedClassifierLinkId>, DatapathError> {
+    let name = Hook::BenchBaseline.program_name();
+    [TcAttachType::Ingress, TcAttachType::Egress]
+        .into_iter()
+        .map(|attach_type| {
+            prog.attach(
+                ifindex,
+                TcAttach::Tcx {
+                    attach_type,
+                    order: LinkOrder::first(),
+                },
+            )
+            .map_err(|source| DatapathError::Program { name, source })
+        })
+        .collect()
 }
 
 /// The pinned link at `pin` as a TC link, or `None` when the pin no longer holds a TCX link.

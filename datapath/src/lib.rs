@@ -149,6 +149,33 @@ impl Datapath {
         attach::detach(&self.pin_root, ifindex)
     }
 
+    /// Attach the pass-everything program at both hooks of `ifindex`, unpinned: the
+    /// benchmarks' measure of what TCX itself costs, apart from the policy programs. The
+    /// links live until [`Datapath::detach_bench_baseline`] or the end of this process.
+    #[doc(hidden)]
+    pub fn attach_bench_baseline(
+        &mut self,
+        ifindex: u32,
+    ) -> Result<Vec<aya::programs::tc::SchedClassifierLinkId>, DatapathError> {
+        let prog = self.program_mut(Hook::BenchBaseline)?;
+        attach::attach_unpinned(prog, ifindex)
+    }
+
+    #[doc(hidden)]
+    pub fn detach_bench_baseline(
+        &mut self,
+        links: Vec<aya::programs::tc::SchedClassifierLinkId>,
+    ) -> Result<(), DatapathError> {
+        let prog = self.program_mut(Hook::BenchBaseline)?;
+        for id in links {
+            prog.detach(id).map_err(|source| DatapathError::Program {
+                name: Hook::BenchBaseline.program_name(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Interfaces that have pinned links (from any loader, this run or earlier).
     pub fn attached_interfaces(&self) -> Result<Vec<u32>, DatapathError> {
         attach::pinned_interfaces(&self.pin_root)

@@ -226,7 +226,11 @@ fn tracked(
     } else if !is_orig {
         e.state = CT_REPLIED;
     }
-    e.expires_ns = now + conntrack::timeout(pkt.proto, e.state, pkt.is_icmp());
+    let expires = now + conntrack::timeout(pkt.proto, e.state, pkt.is_icmp());
+    // A shorter timeout (closing) always applies; a longer one only past the slack.
+    if expires < e.expires_ns || expires - e.expires_ns > CT_REFRESH_SLACK {
+        e.expires_ns = expires;
+    }
     if pkt.frag == FRAG_FIRST {
         remember_fragments(c, pkt, now);
     }

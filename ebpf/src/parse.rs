@@ -37,7 +37,9 @@ pub const FRAG_NONE: u8 = 0;
 pub const FRAG_FIRST: u8 = 1;
 pub const FRAG_LATER: u8 = 2;
 
-/// What the datapath knows about one IP packet.
+/// What the datapath knows about one IP packet. Eight-byte aligned, so that addresses are
+/// compared and copied a word at a time.
+#[repr(C, align(8))]
 #[derive(Clone, Copy)]
 pub struct Pkt {
     pub src: [u8; 16],
