@@ -346,7 +346,7 @@ fn frame(c: &Case, vm_mac: [u8; 6]) -> Vec<u8> {
 }
 
 /// What the program must return for the model's verdict.
-fn expected(t: &HostTables, slot: usize, bootstrap: u8, v: Option<Verdict>, proto: u8) -> i32 {
+fn expected(t: &HostTables, slot: usize, bootstrap: u8, v: Option<Verdict>, c: &Case) -> i32 {
     let Some(v) = v else {
         return if bootstrap == BOOTSTRAP_ALLOW {
             PASS
@@ -358,10 +358,26 @@ fn expected(t: &HostTables, slot: usize, bootstrap: u8, v: Option<Verdict>, prot
     match v.action {
         ACTION_ALLOW | ACTION_MONITOR => PASS,
         ACTION_DENY | ACTION_REJECT if monitor_ep => PASS,
-        // A payload-less SYN is answered in place with a RST.
-        ACTION_REJECT if proto == 6 => REDIRECT,
+        // A payload-less SYN is answered in place with a RST, anything else with ICMP
+        // "administratively prohibited" — but never an ICMP error or a packet to a
+        // multicast or broadcast address.
+        ACTION_REJECT if c.proto == 6 || icmp_may_answer(c) => REDIRECT,
         _ => DROP,
     }
+}
+
+fn icmp_may_answer(c: &Case) -> bool {
+    let icmp_type = (c.port >> 8) as u8;
+    let error = match c.proto {
+        1 => matches!(icmp_type, 3 | 11 | 12),
+        58 => matches!(icmp_type, 1..=4),
+        _ => false,
+    };
+    let group = match c.dst {
+        IpAddr::V4(a) => a.octets()[0] >= 224 || a.is_unspecified(),
+        IpAddr::V6(a) => a.is_multicast(),
+    };
+    !error && !group
 }
 
 #[test]
@@ -464,7 +480,7 @@ fn program_verdicts_equal_the_model() {
                     port,
                 };
                 let model = idx.decide(&q);
-                let want = expected(&t, slot, bootstrap, model, proto);
+                let want = expected(&t, slot, bootstrap, model, &c);
                 let hook = if dir == DIR_EGRESS {
                     Hook::FromVm
                 } else {

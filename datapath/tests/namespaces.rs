@@ -124,6 +124,56 @@ fn allowed_denied_and_replies_over_ipv4_and_ipv6() {
     );
 }
 
+/// Reject answers at once, in both directions of a VM's interface: a TCP connect is refused
+/// (RST), a UDP datagram raises "host unreachable" (ICMP 3/13) or "permission denied"
+/// (ICMPv6 1/1) on the sender's socket — instead of a timeout.
+#[test]
+fn reject_answers_tcp_and_udp_senders_at_once_v4_v6() {
+    let Some(mut s) = setup("ns-reject", 2) else {
+        return;
+    };
+    let (c, db) = (s.lab.vms[0].clone(), s.lab.vms[1].clone());
+    let _srv = db.serve(DB).expect("serve");
+    let _csrv = c.serve(DNS).expect("serve");
+    let reject = |vm, dir, proto| Rule {
+        action: ACTION_REJECT,
+        ..allow(vm, dir, Some(1 - vm), proto, None)
+    };
+    s.apply(&[
+        allow(0, DIR_EGRESS, None, PROTO_ANY, None),
+        allow(1, DIR_INGRESS, Some(0), 6, Some(DB)),
+        // The database's ingress rejects the rest (answered from its tap's egress hook).
+        reject(1, DIR_INGRESS, PROTO_ANY),
+        // Its egress rejects UDP (answered from its tap's ingress hook).
+        reject(1, DIR_EGRESS, 17),
+    ]);
+    assert!(c.tcp_works(v4(&db, DB), T), "TCP/5432 allowed");
+    let long = Duration::from_secs(3);
+    for to in [v4(&db, SSH), v6(&db, SSH)] {
+        let err = c.connect(to, long).expect_err("refused");
+        assert!(
+            format!("{err:?}").contains("ConnectionRefused"),
+            "{to}: {err:?}"
+        );
+    }
+    let expect = [
+        (&c, v4(&db, DNS), libc::EHOSTUNREACH),
+        (&c, v6(&db, DNS), libc::EACCES),
+        (&db, v4(&c, DNS), libc::EHOSTUNREACH),
+        (&db, v6(&c, DNS), libc::EACCES),
+    ];
+    for (from, to, errno) in expect {
+        let t0 = std::time::Instant::now();
+        let r = from.udp_probe(to, long);
+        let err = r.as_ref().err().map(|e| e.raw_os_error());
+        assert_eq!(err, Some(Some(errno)), "{} -> {to}: {r:?}", from.name);
+        assert!(t0.elapsed() < long / 2, "answered at once");
+    }
+    let m = s.tables.maps();
+    assert!(m.stat(STAT_REJECT_SENT).expect("stat") >= 6);
+    assert_eq!(m.stat(STAT_REJECT_FAILED).expect("stat"), 0);
+}
+
 #[test]
 fn policy_change_cuts_an_established_connection() {
     let Some(mut s) = setup("ns-revoke", 2) else {

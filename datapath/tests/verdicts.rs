@@ -1472,18 +1472,151 @@ fn reject_answers_tcp_with_a_valid_rst_v4_v6() {
     with_payload.extend_from_slice(b"data");
     let [failed] = e.delta([STAT_REJECT_FAILED], || {
         assert_eq!(e.vm_receives(&in4(rej4, 6, with_payload)), TC_ACT_SHOT);
-        // Non-TCP reject: dropped (no ICMP answer yet).
-        assert_eq!(
-            e.vm_receives(&in4(rej4, 17, udp(port(), 53, b"q"))),
-            TC_ACT_SHOT
-        );
         // A RST is never answered.
         assert_eq!(
             e.vm_receives(&in4(rej4, 6, tcp(port(), 22, 1, 0, RST))),
             TC_ACT_SHOT
         );
     });
+    assert_eq!(failed, 2);
+}
+
+#[test]
+fn reject_answers_other_protocols_with_icmp_admin_prohibited_v4_v6() {
+    let Some(mut e) = env("reject-icmp") else {
+        return;
+    };
+    let mut ev = events(&mut e);
+    let rej4 = [198, 51, 102, 7];
+    let rej6 = a6([0x2001, 0xdb8, 7, 0], 7);
+    let big = vec![0x5a; 1000];
+    let cases: Vec<(&str, Hook, Vec<u8>)> = vec![
+        (
+            "v4 UDP to the VM",
+            Hook::ToVm,
+            in4(rej4, 17, udp(port(), 53, b"query")),
+        ),
+        (
+            "v4 UDP from the VM",
+            Hook::FromVm,
+            out4(rej4, 17, udp(port(), 5060, &big)),
+        ),
+        (
+            "v4 echo from the VM",
+            Hook::FromVm,
+            out4(rej4, 1, echo(8, 0x4242)),
+        ),
+        (
+            "v4 GRE to the VM",
+            Hook::ToVm,
+            in4(rej4, 47, vec![0, 0, 8, 0, 1, 2, 3, 4, 5]),
+        ),
+        (
+            "v6 UDP to the VM",
+            Hook::ToVm,
+            in6(rej6, 17, udp(port(), 123, b"ntp")),
+        ),
+        (
+            "v6 UDP from the VM",
+            Hook::FromVm,
+            out6(rej6, 17, udp(port(), 514, &big)),
+        ),
+        ("v6 echo to the VM", Hook::ToVm, in6(rej6, 58, echo(128, 7))),
+    ];
+    for (what, hook, frame) in &cases {
+        let [sent] = e.delta([STAT_REJECT_SENT], || {
+            let r = e.dp.test_run(*hook, frame, IFINDEX, 0, 1).unwrap();
+            assert_eq!(r.action, TC_ACT_REDIRECT, "{what}");
+            assert_valid_unreachable(what, frame, &r.packet_out);
+        });
+        assert_eq!(sent, 1, "{what}");
+    }
+    let got = drain(&mut ev);
+    assert_eq!(got.len(), cases.len());
+    assert!(got
+        .iter()
+        .all(|x| x.kind == EVENT_REJECT && x.rule == R_REJECT));
+
+    // Never answered (RFC 1122 3.2.2, RFC 4443 2.4): dropped, counted.
+    let mut quoted = v4(VM_MAC, PEER_MAC, VM4, rej4, 17, udp(1, 2, b""));
+    quoted.drain(..14);
+    let icmp_error = in4(rej4, 1, icmp(3, 3, [0; 4], &quoted));
+    let mut to_multicast = in4(rej4, 17, udp(port(), 5353, b"mdns"));
+    to_multicast[0..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 0xfb]);
+    let sctp = in4(rej4, IPPROTO_SCTP_TEST, vec![0; 12]);
+    let [failed] = e.delta([STAT_REJECT_FAILED], || {
+        assert_eq!(e.vm_receives(&icmp_error), TC_ACT_SHOT);
+        assert_eq!(e.vm_receives(&to_multicast), TC_ACT_SHOT);
+        assert_eq!(e.vm_receives(&sctp), TC_ACT_SHOT);
+    });
     assert_eq!(failed, 3);
+}
+
+const IPPROTO_SCTP_TEST: u8 = 132;
+
+/// Check that `out` is the ICMP "administratively prohibited" answering `sent`: MACs and
+/// addresses swapped, valid IP and ICMP checksums, the original IP header and 8 bytes quoted
+/// — a quoted UDP checksum replaced by the fixed point of a pending checksum completion.
+fn assert_valid_unreachable(what: &str, sent: &[u8], out: &[u8]) {
+    assert_eq!(&out[0..6], &sent[6..12], "{what}: dst MAC = sender's MAC");
+    assert_eq!(&out[6..12], &sent[0..6], "{what}");
+    assert_eq!(&out[12..14], &sent[12..14], "{what}: ethertype");
+    let v4 = sent[12..14] == ETH_P_IP.to_be_bytes();
+    let (ihl, src, dst) = if v4 { (20, 26, 30) } else { (40, 22, 38) };
+    let alen = if v4 { 4 } else { 16 };
+    let (ip, icmp_msg) = out[14..].split_at(ihl);
+    let quote = &icmp_msg[8..];
+    assert_eq!(out.len(), 14 + ihl + 8 + ihl + 8, "{what}: length");
+    assert_eq!(
+        &ip[src - 14..src - 14 + alen],
+        &sent[dst..dst + alen],
+        "{what}: source = refused destination"
+    );
+    assert_eq!(
+        &ip[dst - 14..dst - 14 + alen],
+        &sent[src..src + alen],
+        "{what}: destination = sender"
+    );
+    let proto = if v4 {
+        assert_eq!(ip[0], 0x45);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([ip[2], ip[3]])),
+            out.len() - 14
+        );
+        assert_eq!(checksum(ip, 0), 0, "{what}: IPv4 header checksum");
+        assert_eq!(ip[9], 1);
+        assert_eq!((icmp_msg[0], icmp_msg[1]), (3, 13), "{what}: type/code");
+        assert_eq!(checksum(icmp_msg, 0), 0, "{what}: ICMP checksum");
+        sent[23]
+    } else {
+        assert_eq!(ip[0] >> 4, 6);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([ip[4], ip[5]])),
+            icmp_msg.len()
+        );
+        assert_eq!(ip[6], 58);
+        assert_eq!((icmp_msg[0], icmp_msg[1]), (1, 1), "{what}: type/code");
+        let ps = pseudo(&ip[8..24], &ip[24..40], 58, icmp_msg.len());
+        assert_eq!(checksum(icmp_msg, ps), 0, "{what}: ICMPv6 checksum");
+        sent[20]
+    };
+    let orig = &sent[14..14 + ihl + 8];
+    if proto == 17 {
+        assert_eq!(&quote[..ihl + 6], &orig[..ihl + 6], "{what}: quote");
+        // A checksum completion over the quoted header (offload) must write back the same.
+        let l4 = &quote[ihl..];
+        let mut c = checksum(l4, 0);
+        if c == 0 {
+            c = 0xffff;
+        }
+        assert_eq!(
+            c.to_be_bytes(),
+            [l4[6], l4[7]],
+            "{what}: completion fixed point"
+        );
+    } else {
+        assert_eq!(quote, orig, "{what}: quote");
+    }
 }
 
 #[test]

@@ -212,7 +212,7 @@ fn tracked(
                 Some(pkt),
             );
             if action == ACTION_REJECT {
-                return reject::tcp_reset(c.tc, eth, pkt, c.dir, c.ifindex);
+                return reject::answer(c.tc, eth, pkt, c.dir, c.ifindex);
             }
             return DROP;
         }
@@ -334,7 +334,7 @@ fn new_flow(c: &Cx, eth: &EthHdr, pkt: &Pkt, key: &CtKey, src_is_a: bool, now: u
     stat(STAT_DROP_POLICY);
     if action == ACTION_REJECT {
         event(c, EVENT_REJECT, REASON_POLICY, rule, d.identity, Some(pkt));
-        return reject::tcp_reset(c.tc, eth, pkt, c.dir, c.ifindex);
+        return reject::answer(c.tc, eth, pkt, c.dir, c.ifindex);
     }
     event(c, EVENT_DENY, REASON_POLICY, rule, d.identity, Some(pkt));
     DROP

@@ -35,6 +35,10 @@ pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(MAX_ENDP
 /// Not pinned: it holds no state.
 #[map]
 pub static SCRATCH_PKT: PerCpuArray<crate::parse::Pkt> = PerCpuArray::with_max_entries(2, 0);
+/// Per-CPU scratch space for building an ICMP reject answer. Not pinned.
+#[map]
+pub static SCRATCH_ICMP: PerCpuArray<crate::reject::IcmpScratch> =
+    PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
 

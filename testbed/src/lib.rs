@@ -8,7 +8,7 @@
 pub mod rules;
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::Command;
@@ -380,6 +380,32 @@ impl Vm {
         .unwrap_or(false)
     }
 
+    /// Send one datagram to `to` on a connected UDP socket and wait up to `timeout` for
+    /// an answer: `Ok(true)` if echoed, `Ok(false)` on timeout, `Err` with the error an ICMP
+    /// answer raised on the socket (for example "host unreachable").
+    pub fn udp_probe(&self, to: SocketAddr, timeout: Duration) -> std::io::Result<bool> {
+        self.enter(move || -> std::io::Result<bool> {
+            let bind: SocketAddr = if to.is_ipv4() {
+                "0.0.0.0:0".parse().expect("literal")
+            } else {
+                "[::]:0".parse().expect("literal")
+            };
+            let s = UdpSocket::bind(bind)?;
+            s.connect(to)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.send(b"bulkhead-probe")?;
+            let mut buf = [0u8; 64];
+            match s.recv(&mut buf) {
+                Ok(n) => Ok(&buf[..n] == b"bulkhead-probe"),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .map_err(std::io::Error::other)?
+    }
+
     /// Whether one ICMP/ICMPv6 echo to `to` is answered within a second.
     pub fn ping(&self, to: IpAddr) -> bool {
         let ns = self.netns.clone();
@@ -571,11 +597,7 @@ fn echo_connection(mut s: TcpStream, stop: &AtomicBool) {
                     break;
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
             Err(_) => break,
         }
     }
