@@ -1252,7 +1252,12 @@ fn arp_ndp_and_rogue_infrastructure_from_the_vm() {
 
     // NDP neighbour advertisement: own, link-local targets pass; a foreign target drops.
     let all_nodes = a6([0xff02, 0, 0, 0], 1);
-    let na = |target: [u8; 16]| out6(all_nodes, 58, icmp(136, 0, [0x20, 0, 0, 0], &target));
+    let na = |target: [u8; 16]| {
+        hop_limit(
+            out6(all_nodes, 58, icmp(136, 0, [0x20, 0, 0, 0], &target)),
+            255,
+        )
+    };
     infra(&e, Hook::FromVm, &na(VM6));
     infra(&e, Hook::FromVm, &na(VM_LL));
     spoofs(&e, &na(a6([0x2001, 0xdb8, 1, 0], 0x99)));
@@ -1271,7 +1276,47 @@ fn arp_ndp_and_rogue_infrastructure_from_the_vm() {
         58,
         icmp(135, 0, [0; 4], &VM6),
     );
+    let dad = hop_limit(dad, 255);
     infra(&e, Hook::FromVm, &dad);
+    // Only link-local infrastructure passes without policy: NDP that could have been forwarded
+    // (hop limit below 255) and MLD with a hop limit above 1 are judged by policy (here: no
+    // ICMPv6 but echo).
+    let policy_drop = |e: &Env, hook: Hook, f: &[u8], what: &str| {
+        let [infra, dropped] = e.delta([STAT_PASS_INFRA, STAT_DROP_POLICY], || {
+            assert_eq!(e.run(hook, f), TC_ACT_SHOT, "{what}")
+        });
+        assert_eq!((infra, dropped), (0, 1), "{what}");
+    };
+    policy_drop(&e, Hook::FromVm, &hop_limit(na(VM6), 64), "forwarded NA");
+    let mld = out6(
+        a6([0xff02, 0, 0, 0], 0x16),
+        58,
+        icmp(143, 0, [0; 4], &[0; 20]),
+    );
+    let mld_ll = v6(
+        VM_MAC,
+        PEER_MAC,
+        VM_LL,
+        a6([0xff02, 0, 0, 0], 0x16),
+        58,
+        icmp(143, 0, [0; 4], &[0; 20]),
+    );
+    infra(&e, Hook::FromVm, &hop_limit(mld_ll.clone(), 1));
+    policy_drop(
+        &e,
+        Hook::FromVm,
+        &hop_limit(mld_ll, 2),
+        "MLD report with hop limit 2",
+    );
+    policy_drop(
+        &e,
+        Hook::FromVm,
+        &hop_limit(mld, 1),
+        "MLD report from a global address",
+    );
+    let x = drain(&mut ev);
+    assert_eq!(x.len(), 3);
+    assert!(x.iter().all(|x| x.kind == EVENT_DENY));
 
     // Rogue infrastructure: DHCP/DHCPv6 server replies and router advertisements.
     let dhcp_offer = out4([255; 4], 17, udp(67, 68, &[0; 32]));
@@ -1283,13 +1328,16 @@ fn arp_ndp_and_rogue_infrastructure_from_the_vm() {
         17,
         udp(547, 546, &[0; 16]),
     );
-    let ra = v6(
-        VM_MAC,
-        PEER_MAC,
-        VM_LL,
-        all_nodes,
-        58,
-        icmp(134, 0, [64, 0, 0, 0], &[0; 8]),
+    let ra = hop_limit(
+        v6(
+            VM_MAC,
+            PEER_MAC,
+            VM_LL,
+            all_nodes,
+            58,
+            icmp(134, 0, [64, 0, 0, 0], &[0; 8]),
+        ),
+        255,
     );
     let redirect = v6(
         VM_MAC,
@@ -1323,6 +1371,44 @@ fn arp_ndp_and_rogue_infrastructure_from_the_vm() {
     );
     infra(&e, Hook::FromVm, &discover);
     infra(&e, Hook::ToVm, &in4(gw, 17, udp(67, 68, &[0; 32])));
+    let all_dhcp = a6([0xff02, 0, 0, 0], 0);
+    let mut all_dhcp = all_dhcp;
+    all_dhcp[13] = 1;
+    all_dhcp[15] = 2;
+    infra(
+        &e,
+        Hook::FromVm,
+        &out6(all_dhcp, 17, udp(546, 547, &[0; 16])),
+    );
+    let dhcp6_from_server = v6(
+        PEER_MAC,
+        VM_MAC,
+        a6([0xfe80, 0, 0, 0], 1),
+        VM6,
+        17,
+        udp(547, 546, &[0; 16]),
+    );
+    infra(&e, Hook::ToVm, &dhcp6_from_server);
+    // Client ports towards anything but the broadcast / servers' group are not a way around
+    // policy (here: egress UDP only to DNS).
+    policy_drop(
+        &e,
+        Hook::FromVm,
+        &out4([203, 0, 113, 9], 17, udp(68, 67, &[0; 32])),
+        "DHCP to a unicast address",
+    );
+    policy_drop(
+        &e,
+        Hook::FromVm,
+        &out6(a6([0x2001, 0xdb8, 0x99, 0], 1), 17, udp(546, 547, &[0; 16])),
+        "DHCPv6 to a global address",
+    );
+    policy_drop(
+        &e,
+        Hook::ToVm,
+        &in6(a6([0x2001, 0xdb8, 0x99, 0], 1), 17, udp(547, 546, &[0; 16])),
+        "DHCPv6 answer from a global address",
+    );
 
     // An endpoint with EP_INFRA_SERVER may send router advertisements; its DHCP replies are
     // not spoofing (they are judged by policy, which here allows no UDP 68).

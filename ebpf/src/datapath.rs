@@ -490,22 +490,42 @@ fn spoof_reason(c: &Cx, p: &Pkt) -> Option<u8> {
 }
 
 /// DHCP, DHCPv6, neighbour discovery and MLD keep working whatever the policy says (after
-/// the source checks above).
+/// the source checks above) — and only they: nothing else may pass as infrastructure.
+/// - DHCP client requests only to the broadcast address (v4) or the DHCPv6 servers' link-scope
+///   group; a unicast renewal to a server is judged by policy (declare the server a system
+///   endpoint; without it the client falls back to a broadcast rebind).
+/// - DHCP answers to the client port; DHCPv6 answers only from a link-local address (servers
+///   and relays on the link answer from theirs).
+/// - NDP only with hop limit 255 (RFC 4861 7.1.1: it was not forwarded); MLD only with hop
+///   limit 1 from a link-local or unspecified source (RFC 3810 5.1.15, 7.4).
 #[inline(always)]
 fn is_infrastructure(c: &Cx, p: &Pkt) -> bool {
     if p.frag == FRAG_LATER {
         return false;
     }
     if p.proto == IPPROTO_UDP {
-        let (client, server) = if p.family == 4 { (68, 67) } else { (546, 547) };
-        return if c.dir == DIR_EGRESS {
-            p.sport == client && p.dport == server
-        } else {
-            p.sport == server && p.dport == client
+        return match (p.family, c.dir == DIR_EGRESS) {
+            (4, true) => p.sport == 68 && p.dport == 67 && eq16(&p.dst, &V4_BROADCAST),
+            (4, false) => p.sport == 67 && p.dport == 68,
+            (_, true) => p.sport == 546 && p.dport == 547 && eq16(&p.dst, &ALL_DHCP_SERVERS),
+            (_, false) => p.sport == 547 && p.dport == 546 && is_link_local(&p.src),
         };
     }
-    p.family == 6 && p.proto == IPPROTO_ICMPV6 && matches!(p.icmp_type, 130..=137 | 143)
+    if p.family != 6 || p.proto != IPPROTO_ICMPV6 {
+        return false;
+    }
+    match p.icmp_type {
+        133..=137 => p.hop_limit == 255,
+        130..=132 | 143 => {
+            p.hop_limit == 1 && (is_link_local(&p.src) || is_unspecified(&p.src))
+        }
+        _ => false,
+    }
 }
+
+const V4_BROADCAST: [u8; 16] = v4_mapped([255, 255, 255, 255]);
+/// ff02::1:2, All_DHCP_Relay_Agents_and_Servers.
+const ALL_DHCP_SERVERS: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2];
 
 /// ARP: what the VM sends must name its own MAC and one of its addresses (or 0.0.0.0 for a
 /// probe); ARP towards the VM passes. A BPF subprogram.

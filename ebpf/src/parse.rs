@@ -61,6 +61,8 @@ pub struct Pkt {
     pub frag: u8,
     pub icmp_type: u8,
     pub icmp_code: u8,
+    /// IPv4 TTL / IPv6 hop limit.
+    pub hop_limit: u8,
     /// IPv4 header carried options / IPv6 carried extension headers.
     pub has_ip_extras: bool,
 }
@@ -84,6 +86,7 @@ impl Pkt {
             frag: FRAG_NONE,
             icmp_type: 0,
             icmp_code: 0,
+            hop_limit: 0,
             has_ip_extras: false,
         }
     }
@@ -178,6 +181,7 @@ fn parse_v4(ctx: &TcContext, p: &mut Pkt) -> Result<(), u32> {
     p.src = v4_mapped(ip.src);
     p.dst = v4_mapped(ip.dst);
     p.proto = ip.proto;
+    p.hop_limit = ip.ttl;
     p.l4_off = ETH_HLEN + ihl;
     p.has_ip_extras = ihl > 20;
     let frag = be16(ip.frag);
@@ -204,6 +208,7 @@ fn parse_v6(ctx: &TcContext, p: &mut Pkt) -> Result<(), u32> {
     *p = Pkt::empty(6);
     p.src = ip.src;
     p.dst = ip.dst;
+    p.hop_limit = ip.hop_limit;
     // Checked on the scratch copy: no extra stack in this frame.
     if is_v4_mapped(&p.src) || is_v4_mapped(&p.dst) {
         return Err(STAT_DROP_IPV6_EXT);

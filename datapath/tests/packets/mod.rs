@@ -168,6 +168,12 @@ pub fn ipv6_packet(
     h
 }
 
+/// `frame` (Ethernet + IPv6) with its hop limit set.
+pub fn hop_limit(mut frame: Vec<u8>, limit: u8) -> Vec<u8> {
+    frame[14 + 7] = limit;
+    frame
+}
+
 pub fn v4(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
