@@ -149,7 +149,8 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_boot_ns()` after which the entry is dead.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) after which the entry
+    /// is dead.
     pub expires_ns: u64,
     /// Policy epoch that admitted (or last re-judged) the flow.
     pub epoch: u32,
@@ -181,6 +182,7 @@ pub struct FragKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FragEntry {
+    /// `bpf_ktime_get_coarse_ns()`.
     pub expires_ns: u64,
 }
 
@@ -190,6 +192,7 @@ pub struct FragEntry {
 pub struct RuleStats {
     pub packets: u64,
     pub bytes: u64,
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) of the last hit.
     pub last_hit_ns: u64,
 }
 
@@ -205,6 +208,7 @@ pub struct EndpointStats {
     pub spoof_drops: u64,
     /// Events not delivered for this endpoint (rate limit or full ring): never a silent loss.
     pub events_suppressed: u64,
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution).
     pub last_hit_ns: u64,
 }
 

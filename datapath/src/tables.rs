@@ -42,7 +42,8 @@ struct GenImage {
 pub struct RuleCounters {
     pub packets: u64,
     pub bytes: u64,
-    /// `bpf_ktime_get_boot_ns()` of the last hit (0 = never).
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) of the last hit
+    /// (0 = never).
     pub last_hit_ns: u64,
 }
 
