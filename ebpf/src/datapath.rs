@@ -84,7 +84,7 @@ fn bootstrap(cfg: &Config) -> i32 {
 
 #[inline(always)]
 fn judge(c: &Cx) -> Result<i32, u32> {
-    let eth: EthHdr = c.tc.load(0).map_err(|_| STAT_DROP_TRUNCATED)?;
+    let eth: EthHdr = read(c.tc, 0).map_err(|_| STAT_DROP_TRUNCATED)?;
     if c.dir == DIR_EGRESS && !eq6(&eth.src, &c.ep.mac) {
         return Ok(spoof(c, REASON_SPOOF_MAC, None));
     }

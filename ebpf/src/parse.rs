@@ -1,5 +1,6 @@
-//! Header parsing. Every read goes through `bpf_skb_load_bytes`, so a short packet is an
-//! error, never an out-of-bounds access. Decisions on odd packets (documented in
+//! Header parsing. Fixed headers are read straight from the packet's linear part (bounds
+//! checked against `data_end`), anything else through `bpf_skb_load_bytes`: a short packet is
+//! an error, never an out-of-bounds access. Decisions on odd packets (documented in
 //! ARCHITECTURE.md, "Packet edge cases"):
 //! - truncated headers: drop (`STAT_DROP_TRUNCATED`);
 //! - IPv4 options: skipped via IHL, the packet is judged like any other;
@@ -153,6 +154,20 @@ fn be32(b: [u8; 4]) -> u32 {
     u32::from_be_bytes(b)
 }
 
+/// A `T` at `off`: read straight from the packet when it lies in the linear part (the common
+/// case: no helper call, no copy), else through `bpf_skb_load_bytes`. Either way a short
+/// packet is an error, never an out-of-bounds read.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    let start = ctx.data();
+    if start + off + core::mem::size_of::<T>() <= ctx.data_end() {
+        // SAFETY: within [data, data_end), checked just above (and by the verifier).
+        Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+    } else {
+        ctx.load::<T>(off).map_err(|_| ())
+    }
+}
+
 /// Parse the IP packet at `ETH_HLEN` into `p`. Returns 0, or the `STAT_*` counter of the
 /// drop. A BPF subprogram of its own, to keep header copies off the caller's stack.
 #[inline(never)]
@@ -170,9 +185,7 @@ pub fn parse_ip(ctx: &TcContext, ethertype: u16, p: &mut Pkt) -> u32 {
 
 #[inline(always)]
 fn parse_v4(ctx: &TcContext, p: &mut Pkt) -> Result<(), u32> {
-    let ip: Ipv4Hdr = ctx
-        .load(ETH_HLEN as usize)
-        .map_err(|_| STAT_DROP_TRUNCATED)?;
+    let ip: Ipv4Hdr = read(ctx, ETH_HLEN as usize).map_err(|_| STAT_DROP_TRUNCATED)?;
     let ihl = u32::from(ip.vihl & 0x0f) * 4;
     if ip.vihl >> 4 != 4 || ihl < 20 {
         return Err(STAT_DROP_TRUNCATED);
@@ -199,9 +212,7 @@ fn parse_v4(ctx: &TcContext, p: &mut Pkt) -> Result<(), u32> {
 /// IPv6, walking extension headers.
 #[inline(always)]
 fn parse_v6(ctx: &TcContext, p: &mut Pkt) -> Result<(), u32> {
-    let ip: Ipv6Hdr = ctx
-        .load(ETH_HLEN as usize)
-        .map_err(|_| STAT_DROP_TRUNCATED)?;
+    let ip: Ipv6Hdr = read(ctx, ETH_HLEN as usize).map_err(|_| STAT_DROP_TRUNCATED)?;
     if ip.vtcfl[0] >> 4 != 6 {
         return Err(STAT_DROP_TRUNCATED);
     }
@@ -281,7 +292,7 @@ fn parse_l4(ctx: &TcContext, p: &mut Pkt) -> Result<(), u32> {
     let off = p.l4_off as usize;
     match p.proto {
         IPPROTO_TCP => {
-            let h: [u8; 14] = ctx.load(off).map_err(|_| STAT_DROP_TRUNCATED)?;
+            let h: [u8; 14] = read(ctx, off).map_err(|_| STAT_DROP_TRUNCATED)?;
             p.sport = be16([h[0], h[1]]);
             p.dport = be16([h[2], h[3]]);
             p.seq = be32([h[4], h[5], h[6], h[7]]);
@@ -292,7 +303,7 @@ fn parse_l4(ctx: &TcContext, p: &mut Pkt) -> Result<(), u32> {
             p.port_key = p.dport;
         }
         IPPROTO_UDP | IPPROTO_SCTP => {
-            let h: [u8; 4] = ctx.load(off).map_err(|_| STAT_DROP_TRUNCATED)?;
+            let h: [u8; 4] = read(ctx, off).map_err(|_| STAT_DROP_TRUNCATED)?;
             p.sport = be16([h[0], h[1]]);
             p.dport = be16([h[2], h[3]]);
             p.port_key = p.dport;
