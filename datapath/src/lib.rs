@@ -13,7 +13,7 @@ pub mod events;
 mod tables;
 
 pub use attach::AttachOutcome;
-pub use tables::{ApplyReport, Occupancy, RuleCounters, Tables, GRACE};
+pub use tables::{counter_stamp_unix_nanos, ApplyReport, Occupancy, RuleCounters, Tables, GRACE};
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};

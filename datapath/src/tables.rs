@@ -61,6 +61,30 @@ impl RuleCounters {
         self.bytes += o.bytes;
         self.last_hit_ns = self.last_hit_ns.max(o.last_hit_ns);
     }
+
+    /// The last hit as Unix time in ns; `None` if never hit.
+    pub fn last_hit_unix_nanos(&self) -> Option<i128> {
+        counter_stamp_unix_nanos(self.last_hit_ns)
+    }
+}
+
+/// Unix time in ns of a counter stamp (`last_hit_ns` of rule and endpoint counters: the
+/// per-packet clock, CLOCK_MONOTONIC); `None` for 0 (never).
+pub fn counter_stamp_unix_nanos(stamp_ns: u64) -> Option<i128> {
+    if stamp_ns == 0 {
+        return None;
+    }
+    let now = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec for clock_gettime to fill.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    };
+    let offset = now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC);
+    Some(i128::from(stamp_ns) + offset)
 }
 
 /// Entries of the active generation, per table.

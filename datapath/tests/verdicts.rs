@@ -2080,6 +2080,14 @@ fn rule_and_endpoint_counters_count_packets_and_bytes() {
     );
     assert_eq!((rc["r0"].packets, rc["r0"].bytes), (1, bad.len() as u64));
     assert!(rc["r3"].last_hit_ns > 0);
+    // The stamp converts to the wall clock: just now (the coarse clock lags by a tick).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128;
+    let hit = rc["r3"].last_hit_unix_nanos().expect("hit");
+    assert!(hit <= now && now - hit < 60_000_000_000, "{hit} vs {now}");
+    assert_eq!(rc["r1"].last_hit_unix_nanos(), None);
     assert_eq!(rc["r1"].packets, 0);
     let st = e.t.endpoint_stats(e.slot).unwrap();
     assert_eq!(st.allow_packets, [2, 6]);
