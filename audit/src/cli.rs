@@ -62,8 +62,9 @@ pub enum AuditCommand {
         /// Only remote administration flows: SSH, RDP, VNC, WinRM (8.1.3.5 d).
         #[arg(long)]
         remote_admin: bool,
-        /// Output file (default: stdout).
-        #[arg(long, short)]
+        /// Output file (default: stdout). Not `-o`/`--output`: the admin CLI uses those
+        /// globally for the output format.
+        #[arg(id = "out_file", long = "out")]
         output: Option<PathBuf>,
     },
     /// MLPS Level 3 compliance report (HTML or JSON).
@@ -77,7 +78,8 @@ pub enum AuditCommand {
         evidence: Option<PathBuf>,
         #[arg(long, default_value_t = MIN_RETENTION_DAYS)]
         retention_days: u32,
-        #[arg(long, short)]
+        /// Report file (default: stdout).
+        #[arg(id = "out_file", long = "out")]
         output: Option<PathBuf>,
     },
     /// Forward records to a SIEM (syslog RFC 5424 over TCP or TLS), from the persisted cursor.
