@@ -303,8 +303,24 @@ pub fn run(cmd: AuditCommand, out: &mut dyn Write) -> Result<i32> {
     }
 }
 
-/// Controller-supplied evidence overrides the store-derived parts it sets.
-fn merge(ev: &mut Evidence, g: Evidence) {
+/// Controller-supplied evidence overrides the store-derived parts it sets; its retention
+/// setting (the one the controller enforces) replaces the assumed one.
+pub fn merge(ev: &mut Evidence, g: Evidence) {
+    if let Some(r) = &g.retention {
+        match &mut ev.retention {
+            Some(mine) => mine.retention_days = r.retention_days,
+            None => ev.retention = Some(r.clone()),
+        }
+    }
+    if ev.integrity.is_none() {
+        ev.integrity = g.integrity.clone();
+    }
+    if ev.coverage.is_none() {
+        ev.coverage = g.coverage.clone();
+    }
+    if ev.recent_alerts.is_none() {
+        ev.recent_alerts = g.recent_alerts.clone();
+    }
     macro_rules! take {
         ($($f:ident),*) => { $( if g.$f.is_some() { ev.$f = g.$f; } )* };
     }

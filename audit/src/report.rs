@@ -18,8 +18,11 @@ use crate::timesync::ClockStatus;
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ScopeDefault {
     pub scope: String,
-    /// `deny` or `allow`.
+    /// `deny` or `allow` (also `reject`, or `monitor` for a VM whose denies are only recorded).
     pub action: String,
+    /// Where it is in force (e.g. compiled into which endpoints, enforced by which hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -55,7 +58,12 @@ pub struct RuleAnalysis {
 pub struct HostPolicy {
     pub host: String,
     pub commit: String,
-    pub epoch: u32,
+    /// Datapath epoch, when known.
+    #[serde(default)]
+    pub epoch: Option<u32>,
+    /// Whether the host's agent is connected now (`None`: not known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
     pub enforced_at: Option<String>,
     pub in_sync: bool,
 }
@@ -333,9 +341,16 @@ pub fn build(ev: &Evidence) -> Report {
         None => no_evidence(i, "the default action of every scope from the controller"),
         Some(scopes) => {
             for s in scopes {
-                i.evidence
-                    .push(format!("scope {}: default {}", s.scope, s.action));
-                if s.action != "deny" {
+                i.evidence.push(format!(
+                    "scope {}: default {}{}",
+                    s.scope,
+                    s.action,
+                    s.detail
+                        .as_ref()
+                        .map(|d| format!(" — {d}"))
+                        .unwrap_or_default()
+                ));
+                if s.action != "deny" && s.action != "reject" {
                     i.gaps
                         .push(format!("scope {} defaults to {}", s.scope, s.action));
                 }
@@ -686,12 +701,17 @@ pub fn build(ev: &Evidence) -> Report {
             have = true;
             for h in p {
                 i.evidence.push(format!(
-                    "host {}: revision {} (epoch {}) enforced since {}{}",
+                    "host {}: revision {}{} enforced since {}{}{}",
                     h.host,
                     h.commit,
-                    h.epoch,
+                    h.epoch.map(|e| format!(" (epoch {e})")).unwrap_or_default(),
                     h.enforced_at.as_deref().unwrap_or("-"),
-                    if h.in_sync { "" } else { " — OUT OF SYNC" }
+                    if h.in_sync { "" } else { " — OUT OF SYNC" },
+                    if h.connected == Some(false) {
+                        " (agent not connected now)"
+                    } else {
+                        ""
+                    }
                 ));
                 if !h.in_sync {
                     i.gaps.push(format!(
