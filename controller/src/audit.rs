@@ -12,6 +12,7 @@ use bulkhead_wire::pb;
 
 pub struct Audit {
     recorder: Recorder,
+    dir: std::path::PathBuf,
 }
 
 pub fn rfc3339(unix: i64) -> String {
@@ -45,12 +46,67 @@ pub fn cert_identity(der: &[u8]) -> CertIdentity {
 
 impl Audit {
     pub fn open(dir: &Path, host: &str) -> anyhow::Result<Self> {
-        let (store, report) = Store::open(StoreConfig::new(dir, host))
+        Self::open_with(dir, host, bulkhead_audit::store::MIN_RETENTION_DAYS)
+    }
+
+    /// Open with a retention period (at least 184 days: the store refuses less).
+    pub fn open_with(dir: &Path, host: &str, retention_days: u32) -> anyhow::Result<Self> {
+        let mut cfg = StoreConfig::new(dir, host);
+        cfg.retention_days = retention_days;
+        let (store, report) = Store::open(cfg)
             .map_err(|e| anyhow::anyhow!("opening the audit store {}: {e}", dir.display()))?;
-        tracing::info!(dir = %dir.display(), ?report, "audit trail open");
+        tracing::info!(dir = %dir.display(), retention_days, ?report, "audit trail open");
         Ok(Self {
             recorder: Recorder::spawn(store, 4096, 1024),
+            dir: dir.to_path_buf(),
         })
+    }
+
+    /// Run the retention job now (in the writer; each removal is recorded first).
+    pub fn enforce_retention(&self) -> anyhow::Result<Vec<String>> {
+        self.recorder
+            .enforce_retention()
+            .map_err(|e| anyhow::anyhow!("audit retention in {}: {e}", self.dir.display()))
+    }
+
+    /// Integrity, retention, coverage and recent alerts from the store, read while the
+    /// writer is paused (so the live verify sees no half-written tail).
+    pub fn store_evidence(
+        &self,
+        retention_days: u32,
+        max_alerts: usize,
+    ) -> anyhow::Result<bulkhead_audit::report::Evidence> {
+        let _paused = self
+            .recorder
+            .pause()
+            .map_err(|e| anyhow::anyhow!("pausing the audit writer: {e}"))?;
+        bulkhead_audit::report::Evidence::from_store(&self.dir, retention_days, max_alerts)
+            .map_err(|e| anyhow::anyhow!("reading the audit store {}: {e}", self.dir.display()))
+    }
+
+    /// Security alerts an agent derived from its datapath; the host is its certificate's.
+    pub fn alerts(&self, host: &str, alerts: &[pb::Alert]) {
+        if alerts.is_empty() {
+            return;
+        }
+        self.submit(
+            alerts
+                .iter()
+                .map(|a| {
+                    Event::Alert(bulkhead_audit::record::AlertRecord {
+                        attack: a.attack.clone(),
+                        source_ip: a.source_ip.clone(),
+                        source_vm: (!a.source_vm.is_empty()).then(|| a.source_vm.clone()),
+                        target: a.target.clone(),
+                        host: host.to_string(),
+                        first_seen: a.first_seen.clone(),
+                        last_seen: a.last_seen.clone(),
+                        count: a.count,
+                        detail: a.detail.clone(),
+                    })
+                })
+                .collect(),
+        );
     }
 
     /// Durable before return (administrator actions, revisions, enforcement).

@@ -47,12 +47,8 @@ pub fn inventory(vms: &[InventoryVm]) -> Inventory {
     }
 }
 
-/// Compile a commit's tree for the reported inventory. An `inventory.yaml` in the repository
-/// (an example for the CLI) is ignored: the agents say what runs where.
-pub fn compile_tree(
-    tree: &Path,
-    vms: &[InventoryVm],
-) -> Result<BTreeMap<String, HostTables>, Vec<String>> {
+/// A commit's policy files and the reported inventory as compiler sources.
+fn sources(tree: &Path, vms: &[InventoryVm]) -> Result<(Vec<Source>, Source), Vec<String>> {
     let dir = policy_dir(tree);
     let rel = |p: &Path| p.strip_prefix(tree).unwrap_or(p).to_path_buf();
     let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -72,13 +68,88 @@ pub fn compile_tree(
     }
     let inv_text = serde_yaml::to_string(&inventory(vms)).map_err(|e| vec![e.to_string()])?;
     let inv = Source::new("<inventory reported by the agents>", inv_text);
-    match load_sources_live(files, inv) {
-        Ok((_, resolved)) => Ok(bulkhead_policy::compile(&resolved)
-            .hosts
-            .into_iter()
-            .map(|(h, out)| (h, out.tables.clone()))
-            .collect()),
-        Err(LoadError::Invalid(diags)) => Err(diags.iter().map(|d| d.to_string()).collect()),
-        Err(e) => Err(vec![e.to_string()]),
+    Ok((files, inv))
+}
+
+fn load_errors(e: LoadError) -> Vec<String> {
+    match e {
+        LoadError::Invalid(diags) => diags.iter().map(|d| d.to_string()).collect(),
+        e => vec![e.to_string()],
     }
+}
+
+/// Compile a commit's tree for the reported inventory. An `inventory.yaml` in the repository
+/// (an example for the CLI) is ignored: the agents say what runs where.
+pub fn compile_tree(
+    tree: &Path,
+    vms: &[InventoryVm],
+) -> Result<BTreeMap<String, HostTables>, Vec<String>> {
+    let (files, inv) = sources(tree, vms)?;
+    let (_, resolved) = load_sources_live(files, inv).map_err(load_errors)?;
+    Ok(bulkhead_policy::compile(&resolved)
+        .hosts
+        .into_iter()
+        .map(|(h, out)| (h, out.tables.clone()))
+        .collect())
+}
+
+/// One rule of a revision: its stable id and what it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleName {
+    pub id: String,
+    pub name: String,
+    /// A rule of a policy (not the default, a system endpoint or a quarantine).
+    pub policy_rule: bool,
+}
+
+/// What the compliance report needs from a revision beyond its tables: the default action,
+/// monitor-mode VMs, every rule, and the linter's findings (MLPS 8.1.3.2 a, b).
+#[derive(Clone, Debug)]
+pub struct TreeAnalysis {
+    /// `deny`, `reject` or `allow`.
+    pub default_action: String,
+    /// Running VMs whose interfaces are in monitor mode (denies recorded, not enforced).
+    pub monitor_vms: Vec<String>,
+    pub rules: Vec<RuleName>,
+    pub findings: Vec<bulkhead_policy::lint::Finding>,
+}
+
+/// Load, compile and lint a commit's tree for the reported inventory.
+pub fn analyse_tree(tree: &Path, vms: &[InventoryVm]) -> Result<TreeAnalysis, Vec<String>> {
+    let (files, inv) = sources(tree, vms)?;
+    let (set, res) = load_sources_live(files, inv).map_err(load_errors)?;
+    let compiled = bulkhead_policy::compile(&res);
+    let findings = bulkhead_policy::lint::lint(&set, &res, &compiled);
+    let specials = 1 + res.system.len() + res.quarantine.len();
+    let rules = res
+        .rule_ids()
+        .into_iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let r = i.checked_sub(specials).and_then(|k| res.rules.get(k));
+            RuleName {
+                name: match r {
+                    Some(r) => format!(
+                        "policy {} (tier {})",
+                        r.policy,
+                        res.tiers.get(r.tier).map_or("?", String::as_str)
+                    ),
+                    None if i == 0 => "default action".into(),
+                    None => id.clone(),
+                },
+                id,
+                policy_rule: r.is_some(),
+            }
+        })
+        .collect();
+    Ok(TreeAnalysis {
+        default_action: format!("{:?}", res.default_action).to_lowercase(),
+        monitor_vms: res
+            .monitor_vms
+            .iter()
+            .filter_map(|&i| res.vms.get(i).map(|v| v.name.clone()))
+            .collect(),
+        rules,
+        findings,
+    })
 }

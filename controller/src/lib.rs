@@ -6,6 +6,7 @@
 //! host acknowledges is recorded with the time it began enforcing it.
 pub mod audit;
 pub mod compile;
+pub mod evidence;
 pub mod metrics;
 pub mod repo;
 pub mod server;
@@ -69,6 +70,8 @@ pub struct HostState {
     pub inventory_at: Option<Instant>,
     /// Tables this host may hold, by digest (recent ones): the base for deltas.
     pub known: VecDeque<HostTablesRev>,
+    /// The agent's last compliance evidence (rule counters, interfaces, clock) and when.
+    pub report: Option<(i64, pb::HostReport)>,
 }
 
 pub struct State {
@@ -100,6 +103,8 @@ pub struct Controller {
     inventory_changed: Notify,
     pub metrics: Metrics,
     pub audit: Option<audit::Audit>,
+    /// Where the compliance evidence comes from (set once at start; defaults otherwise).
+    pub evidence_config: std::sync::OnceLock<evidence::EvidenceConfig>,
 }
 
 impl Controller {
@@ -123,6 +128,7 @@ impl Controller {
             inventory_changed: Notify::new(),
             metrics: Metrics::new()?,
             audit,
+            evidence_config: std::sync::OnceLock::new(),
         }))
     }
 
@@ -206,6 +212,19 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// The exported tree of the commit being served (for the compliance analysis).
+    pub fn good_tree(&self) -> Option<(pb::Revision, std::path::PathBuf)> {
+        let st = self.state();
+        st.good
+            .as_ref()
+            .map(|(rev, dir, _)| (rev.clone(), dir.path().to_path_buf()))
+    }
+
+    /// All VMs reported by all hosts (where each was reported last).
+    pub fn inventory_vms(&self) -> Vec<InventoryVm> {
+        self.inventory().0
     }
 
     /// Recompile the last good commit whenever an agent's inventory changes (coalesced).
