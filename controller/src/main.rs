@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bulkhead_controller::evidence::EvidenceConfig;
+use bulkhead_audit::roles::{Role, RoleAssignments};
+use bulkhead_controller::evidence::{EvidenceConfig, ROLES_FILE};
 use bulkhead_controller::repo::Repo;
 use bulkhead_controller::server::{AdminService, EnforcementService};
 use bulkhead_controller::{metrics, Controller};
@@ -159,6 +160,18 @@ fn pki_cmd(cmd: PkiCmd) -> Result<()> {
                 "unknown role {role:?}; one of {}",
                 ROLES.join(", ")
             );
+            // The role registry: one role per account (MLPS 8.1.5), exported in the
+            // compliance report. A second role for an existing account is refused.
+            let registry = dir.join(ROLES_FILE);
+            let mut roles = RoleAssignments::load(&registry)
+                .with_context(|| format!("reading the role registry {}", registry.display()))?;
+            let r = Role::parse(&role).with_context(|| format!("unknown role {role:?}"))?;
+            roles.assign(&user, r).with_context(|| {
+                format!(
+                    "{user} already holds another role in {}; one account cannot combine roles",
+                    registry.display()
+                )
+            })?;
             let ca = pki::read_pair(&dir, "ca")?;
             let cert = pki::issue(
                 &ca,
@@ -171,6 +184,9 @@ fn pki_cmd(cmd: PkiCmd) -> Result<()> {
             )?;
             pki::write_pair(&out, &user, &cert)?;
             write_ca(&out, &ca)?;
+            roles
+                .save(&registry)
+                .with_context(|| format!("writing the role registry {}", registry.display()))?;
             println!("certificate for {user} written to {}", out.display());
         }
     }
