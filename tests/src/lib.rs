@@ -25,7 +25,7 @@ pub fn bin_path(name: &str) -> Result<PathBuf> {
     let p = dir.join(name);
     if !p.exists() {
         bail!(
-            "{} not built; run `cargo build -p bulkhead-agent -p bulkhead-controller` first",
+            "{} not built; run `cargo build -p bulkhead-agent -p bulkhead-controller -p bulkhead-cli` first",
             p.display()
         );
     }
@@ -200,7 +200,16 @@ impl TestPki {
         Ok(d)
     }
 
+    /// An administrator certificate; the account's role is registered in the PKI directory's
+    /// role registry, as `bulkhead-controller pki admin` does (a second role is refused).
     pub fn admin(&self, user: &str, role: &str) -> Result<Pem> {
+        let registry = self.dir.join("roles.json");
+        let mut roles = bulkhead_audit::roles::RoleAssignments::load(&registry)?;
+        let r = bulkhead_audit::roles::Role::parse(role).context("unknown role")?;
+        roles
+            .assign(user, r)
+            .map_err(|e| anyhow::anyhow!("{user}: {e}"))?;
+        roles.save(&registry)?;
         Ok(pki::issue(
             &self.ca,
             &Subject::Admin {
@@ -448,6 +457,46 @@ pub async fn status(port: u16, ca: &Pem, admin: &Pem) -> Result<pb::StatusReply>
     .await?;
     let mut c = pb::admin_client::AdminClient::new(ch);
     Ok(c.status(pb::StatusRequest {}).await?.into_inner())
+}
+
+/// The controller's live compliance evidence (`Admin.Evidence`), with an administrator
+/// certificate (only the audit administrator's is accepted).
+pub async fn evidence(
+    port: u16,
+    ca: &Pem,
+    admin: &Pem,
+    include_store: bool,
+) -> Result<bulkhead_audit::report::Evidence, tonic::Status> {
+    let ch = bulkhead_wire::connect(
+        &format!("https://127.0.0.1:{port}"),
+        "localhost",
+        &ca.cert,
+        &admin.cert,
+        &admin.key,
+    )
+    .await
+    .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+    let mut c = pb::admin_client::AdminClient::new(ch);
+    let json = c
+        .evidence(pb::EvidenceRequest { include_store })
+        .await?
+        .into_inner()
+        .evidence_json;
+    serde_json::from_str(&json).map_err(|e| tonic::Status::internal(e.to_string()))
+}
+
+/// Blocking wrapper around [`evidence`].
+pub fn evidence_blocking(
+    port: u16,
+    ca: &Pem,
+    admin: &Pem,
+    include_store: bool,
+) -> Result<bulkhead_audit::report::Evidence, tonic::Status> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .block_on(evidence(port, ca, admin, include_store))
 }
 
 /// Blocking wrapper around [`status`].
