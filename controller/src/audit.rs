@@ -25,14 +25,12 @@ pub fn rfc3339(unix: i64) -> String {
         .unwrap_or_default()
 }
 
-fn rfc3339_nanos(ns: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
+/// Flow times as every record's `ts`: UTC, explicit `+00:00`, microseconds.
+fn ts_nanos(ns: i64) -> String {
+    bulkhead_audit::record::format_ts(
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+    )
 }
 
 pub fn cert_identity(der: &[u8]) -> CertIdentity {
@@ -181,8 +179,8 @@ impl Audit {
                     epoch: 0,
                     packets: r.packets,
                     bytes: r.bytes,
-                    first_seen: rfc3339_nanos(r.first_seen_unix_nanos),
-                    last_seen: rfc3339_nanos(r.last_seen_unix_nanos),
+                    first_seen: ts_nanos(r.first_seen_unix_nanos),
+                    last_seen: ts_nanos(r.last_seen_unix_nanos),
                     suppressed: 0,
                 })
             })

@@ -151,6 +151,28 @@ async fn evidence_from_the_served_revision_agent_reports_and_the_store() {
     // The same state again is not audited twice.
     ctl.host_report("kvm-01", report);
 
+    // A flow record from the agent: times in the records' own format (UTC, +00:00, µs).
+    ctl.audit.as_ref().expect("audit").flows(
+        "kvm-01",
+        &pb::FlowEvents {
+            records: vec![pb::FlowRecord {
+                first_seen_unix_nanos: 1_790_000_000_123_456_789,
+                last_seen_unix_nanos: 1_790_000_001_000_000_000,
+                vm: "his-web-1".into(),
+                kind: u32::from(bulkhead_abi::EVENT_DENY),
+                src: vec![10, 10, 1, 11],
+                dst: vec![10, 10, 2, 11],
+                dport: 22,
+                proto: 6,
+                rule: "base-deny-out".into(),
+                packets: 3,
+                bytes: 180,
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+
     let me = ctl.clone();
     let ev = tokio::task::spawn_blocking(move || me.evidence(true))
         .await
@@ -213,6 +235,19 @@ async fn evidence_from_the_served_revision_agent_reports_and_the_store() {
     assert!(integrity.ok, "{:?}", integrity.problems);
     let cov = ev.coverage.as_ref().expect("coverage");
     assert_eq!(cov.unenforced_interface_records, 1);
+    assert_eq!(cov.flow_records, 1);
+    let mut flow = None;
+    bulkhead_audit::export::for_each_record(&audit_dir, 0, |r, _| {
+        if let Event::FlowVerdict(f) = &r.detail {
+            flow = Some(f.clone());
+        }
+        Ok(true)
+    })
+    .expect("read");
+    let flow = flow.expect("flow record");
+    assert_eq!(flow.first_seen, "2026-09-21T14:13:20.123456+00:00");
+    assert_eq!(flow.last_seen, "2026-09-21T14:13:21.000000+00:00");
+    assert_eq!((flow.host.as_str(), flow.packets), ("kvm-01", 3));
     assert_eq!(ev.retention.as_ref().map(|r| r.retention_days), Some(184));
 
     let report = bulkhead_audit::report::build(&ev);
