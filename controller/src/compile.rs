@@ -112,6 +112,9 @@ pub struct TreeAnalysis {
     pub monitor_vms: Vec<String>,
     pub rules: Vec<RuleName>,
     pub findings: Vec<bulkhead_policy::lint::Finding>,
+    /// Running VMs (name, host) that no policy applies to: only the default action (and
+    /// system endpoints) judge their traffic.
+    pub uncovered: Vec<(String, String)>,
 }
 
 /// Load, compile and lint a commit's tree for the reported inventory.
@@ -151,5 +154,12 @@ pub fn analyse_tree(tree: &Path, vms: &[InventoryVm]) -> Result<TreeAnalysis, Ve
             .collect(),
         rules,
         findings,
+        uncovered: res
+            .vms
+            .iter()
+            .zip(&res.vm_rules)
+            .filter(|(_, rules)| rules.iter().all(|(_, reflected)| *reflected))
+            .map(|(v, _)| (v.name.clone(), v.host.clone()))
+            .collect(),
     })
 }

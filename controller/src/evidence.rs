@@ -407,6 +407,48 @@ impl Controller {
         }
     }
 
+    /// Record every running VM that no policy covers (cloud extension: unauthorised new or
+    /// re-enabled VMs), once each time it becomes uncovered, after every change of the served
+    /// output (new commit or inventory change).
+    pub async fn follow_coverage(self: Arc<Self>) {
+        if self.audit.is_none() {
+            return;
+        }
+        let mut serving = self.serving_tx.subscribe();
+        let mut known: BTreeSet<(String, String)> = BTreeSet::new();
+        loop {
+            if serving.changed().await.is_err() {
+                return;
+            }
+            // Coalesce bursts of recompiles.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            serving.borrow_and_update();
+            let me = self.clone();
+            let analysis = tokio::task::spawn_blocking(move || {
+                let (_, tree) = me.good_tree()?;
+                crate::compile::analyse_tree(&tree, &me.inventory_vms()).ok()
+            })
+            .await;
+            let Ok(Some(a)) = analysis else { continue };
+            let now: BTreeSet<(String, String)> = a.uncovered.into_iter().collect();
+            let new: Vec<Event> = now
+                .difference(&known)
+                .map(|(vm, host)| Event::VmUncovered {
+                    vm: vm.clone(),
+                    host: host.clone(),
+                    reason: format!(
+                        "no policy applies to it: only the default action ({}) and system endpoints judge its traffic",
+                        a.default_action
+                    ),
+                })
+                .collect();
+            if let (Some(au), false) = (&self.audit, new.is_empty()) {
+                au.submit(new);
+            }
+            known = now;
+        }
+    }
+
     /// Audit housekeeping on a schedule: retention (at start, then every `retention_every`)
     /// and the clock-sync state (checked every 10 s; recorded when it changes and at least
     /// every `clock_every`).

@@ -231,6 +231,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         Duration::from_secs(a.retention_check_hours.max(1) * 3600),
         Duration::from_secs(a.timesync_record_minutes.max(1) * 60),
     ));
+    tokio::spawn(ctl.clone().follow_coverage());
     tokio::spawn(ctl.clone().follow_repo(Duration::from_millis(a.poll_ms)));
     tokio::spawn(ctl.clone().follow_inventory());
     tokio::spawn(metrics::serve(a.metrics, ctl.clone()));

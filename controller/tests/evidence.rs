@@ -90,7 +90,16 @@ async fn evidence_from_the_served_revision_agent_reports_and_the_store() {
         "10.10.2.11",
         "vnet1",
     );
-    ctl.set_inventory("kvm-01", vec![web, app]);
+    // A VM no policy applies to (no labels any policy selects).
+    let stray = vm(
+        "stray-1",
+        &[("owner", "unknown")],
+        [0x52, 0x54, 0, 0x99, 0, 1],
+        "10.10.9.99",
+        "vnet2",
+    );
+    ctl.set_inventory("kvm-01", vec![web, app, stray]);
+    tokio::spawn(ctl.clone().follow_coverage());
     tokio::spawn(ctl.clone().follow_repo(Duration::from_millis(50)));
     tokio::spawn(ctl.clone().follow_inventory());
     let head = {
@@ -173,6 +182,27 @@ async fn evidence_from_the_served_revision_agent_reports_and_the_store() {
         },
     );
 
+    // The uncovered VM is recorded once the revision is served.
+    let mut uncovered = Vec::new();
+    for _ in 0..100 {
+        uncovered.clear();
+        bulkhead_audit::export::for_each_record(&audit_dir, 0, |r, _| {
+            if let Event::VmUncovered { vm, host, .. } = &r.detail {
+                uncovered.push((vm.clone(), host.clone()));
+            }
+            Ok(true)
+        })
+        .expect("read");
+        if !uncovered.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        uncovered,
+        vec![("stray-1".to_string(), "kvm-01".to_string())]
+    );
+
     let me = ctl.clone();
     let ev = tokio::task::spawn_blocking(move || me.evidence(true))
         .await
@@ -236,6 +266,7 @@ async fn evidence_from_the_served_revision_agent_reports_and_the_store() {
     let cov = ev.coverage.as_ref().expect("coverage");
     assert_eq!(cov.unenforced_interface_records, 1);
     assert_eq!(cov.flow_records, 1);
+    assert_eq!(cov.uncovered_vm_records, 1);
     let mut flow = None;
     bulkhead_audit::export::for_each_record(&audit_dir, 0, |r, _| {
         if let Event::FlowVerdict(f) = &r.detail {
