@@ -128,6 +128,18 @@ impl Audit {
         removed: Vec<String>,
         result: Result<(), String>,
     ) {
+        self.revision_changes(rev, added, removed, Vec::new(), result);
+    }
+
+    /// A policy revision with the rules added, removed and changed (by id).
+    pub fn revision_changes(
+        &self,
+        rev: &pb::Revision,
+        added: Vec<String>,
+        removed: Vec<String>,
+        changed: Vec<String>,
+        result: Result<(), String>,
+    ) {
         self.record(Event::PolicyRevision {
             commit: rev.commit.clone(),
             author: rev.author.clone(),
@@ -135,7 +147,7 @@ impl Audit {
             committed_at: rfc3339(rev.commit_time_unix),
             rules_added: added,
             rules_removed: removed,
-            rules_changed: Vec::new(),
+            rules_changed: changed,
             compile: CompileResult {
                 ok: result.is_ok(),
                 message: result.err().unwrap_or_default(),

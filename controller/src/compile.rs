@@ -93,6 +93,60 @@ pub fn compile_tree(
         .collect())
 }
 
+/// Every policy rule of a commit's tree, by id, as canonical text: the rule and the policy
+/// header it inherits (name, tier, priority, mode, symmetry, applied-to; the description is
+/// not part of the meaning). Files that do not parse are skipped (the compiler reports them).
+pub fn rule_texts(tree: &Path) -> BTreeMap<String, String> {
+    let dir = policy_dir(tree);
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return out;
+    };
+    for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        if !p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        let Ok(file) = serde_yaml::from_str::<bulkhead_policy::PolicyFile>(&text) else {
+            continue;
+        };
+        for mut policy in file.policies {
+            let rules: Vec<(&str, bulkhead_policy::types::Rule)> =
+                std::mem::take(&mut policy.ingress)
+                    .into_iter()
+                    .map(|r| ("ingress", r))
+                    .chain(
+                        std::mem::take(&mut policy.egress)
+                            .into_iter()
+                            .map(|r| ("egress", r)),
+                    )
+                    .collect();
+            policy.description = None;
+            let header = serde_json::to_string(&policy).unwrap_or_default();
+            for (dir, mut rule) in rules {
+                rule.description = None;
+                let body = serde_json::to_string(&rule).unwrap_or_default();
+                out.insert(rule.id.clone(), format!("{header}\n{dir}\n{body}"));
+            }
+        }
+    }
+    out
+}
+
+/// Rules present in both trees whose meaning changed.
+pub fn changed_rules(
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, String>,
+) -> Vec<String> {
+    after
+        .iter()
+        .filter(|(id, text)| before.get(*id).is_some_and(|b| b != *text))
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
 /// One rule of a revision: its stable id and what it belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleName {

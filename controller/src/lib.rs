@@ -160,6 +160,17 @@ impl Controller {
         let revision = self.repo.revision(&head)?;
         let dir = tempfile::tempdir()?;
         self.repo.export(&head, dir.path())?;
+        // Rules whose text changed since the last good commit (for the revision's audit record).
+        let changed = match &self.audit {
+            Some(_) => {
+                let before = self
+                    .good_tree()
+                    .map(|(_, t)| compile::rule_texts(&t))
+                    .unwrap_or_default();
+                compile::changed_rules(&before, &compile::rule_texts(dir.path()))
+            }
+            None => Vec::new(),
+        };
         tracing::info!(commit = %head, author = %revision.author, summary = %revision.summary, "new commit");
         let inventory = self.inventory();
         let started = Instant::now();
@@ -187,10 +198,11 @@ impl Controller {
                 self.serve(&mut st, revision.clone(), hosts, inventory.1, detected);
                 if let (Some(a), Some(s)) = (&self.audit, &st.serving) {
                     let after = rule_ids(&s.hosts);
-                    a.revision(
+                    a.revision_changes(
                         &revision,
                         after.difference(&before).cloned().collect(),
                         before.difference(&after).cloned().collect(),
+                        changed,
                         Ok(()),
                     );
                 }

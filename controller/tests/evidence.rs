@@ -322,4 +322,58 @@ async fn evidence_from_the_served_revision_agent_reports_and_the_store() {
         .enforce_retention()
         .expect("retention");
     assert!(purged.is_empty(), "nothing is older than 184 days");
+
+    // A commit that changes one rule's services and only the description of another: the
+    // revision record names the changed rule (descriptions are not meaning).
+    let file = policies.join("40-application.yaml");
+    let text = std::fs::read_to_string(&file).expect("read");
+    let text = text
+        .replacen(
+            "        services: [http-alt]\n",
+            "        services: [http-alt, https]\n",
+            1,
+        )
+        .replacen(
+            "        services: [https]\n",
+            "        services: [https]\n        description: clinic workstations and the DMZ proxies\n",
+            1,
+        );
+    std::fs::write(&file, text).expect("write");
+    git(&work, &["commit", "-q", "-am", "HIS app also on https"]);
+    let mut rev = None;
+    for _ in 0..200 {
+        bulkhead_audit::export::for_each_record(&audit_dir, 0, |r, _| {
+            if let Event::PolicyRevision {
+                commit,
+                rules_added,
+                rules_removed,
+                rules_changed,
+                compile,
+                ..
+            } = &r.detail
+            {
+                if *commit != head {
+                    rev = Some((
+                        rules_added.clone(),
+                        rules_removed.clone(),
+                        rules_changed.clone(),
+                        compile.ok,
+                    ));
+                }
+            }
+            Ok(true)
+        })
+        .expect("read");
+        if rev.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (added, removed, changed, ok) = rev.expect("second revision recorded");
+    assert!(ok);
+    assert!(
+        added.is_empty() && removed.is_empty(),
+        "{added:?} {removed:?}"
+    );
+    assert_eq!(changed, vec!["app-his-app-from-web".to_string()]);
 }
