@@ -137,9 +137,12 @@ async fn main() -> Result<()> {
             .apply(a)
             .context("re-applying the persisted policy")?;
     }
-    enforcer
-        .set_inventory(&vms)
-        .context("attaching to VM interfaces")?;
+    if let Err(e) = enforcer.set_inventory(&vms) {
+        // An interface that cannot be attached must not take the agent (and the reports on
+        // every other interface) down: it is reported to the controller as not enforced, with
+        // the error, and retried at every rescan.
+        tracing::error!(error = format!("{e:#}"), "attaching to VM interfaces");
+    }
     let events = enforcer.take_events()?;
     let metrics = Arc::new(Metrics::new()?);
     metrics.vms.set(vms.len() as i64);
