@@ -233,6 +233,8 @@ pub struct Host {
     pub metrics_port: u16,
     /// VM name → labels, for the inventory file.
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// VMs in the inventory whose tap device does not exist (name, device, MAC, address).
+    pub phantoms: Vec<(String, String, String, String)>,
 }
 
 #[derive(serde::Serialize)]
@@ -268,6 +270,7 @@ impl Host {
             inventory: dir.join("inventory.yaml"),
             metrics_port: free_port()?,
             labels: BTreeMap::new(),
+            phantoms: Vec::new(),
         })
     }
 
@@ -289,6 +292,28 @@ impl Host {
         Ok(vm)
     }
 
+    /// Put a VM into the inventory whose tap device does not exist on this host (defined but
+    /// not plugged in): its interface cannot be enforced.
+    pub fn add_phantom_vm(
+        &mut self,
+        name: &str,
+        device: &str,
+        mac: &str,
+        ip: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<()> {
+        self.labels.insert(
+            name.into(),
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        self.phantoms
+            .push((name.into(), device.into(), mac.into(), ip.into()));
+        self.write_inventory()
+    }
+
     /// Forget a VM (it migrated away): its interface leaves this host's inventory.
     pub fn remove_vm_from_inventory(&mut self, name: &str) -> Result<()> {
         self.labels.remove(name);
@@ -296,7 +321,7 @@ impl Host {
     }
 
     pub fn write_inventory(&self) -> Result<()> {
-        let vms = self
+        let mut vms: Vec<InvVm> = self
             .lab
             .vms
             .iter()
@@ -312,6 +337,16 @@ impl Host {
                 }],
             })
             .collect();
+        vms.extend(self.phantoms.iter().map(|(name, device, mac, ip)| InvVm {
+            name: name.clone(),
+            uuid: format!("00000000-0000-4000-9000-{:012x}", vms_len_hash(name)),
+            labels: self.labels.get(name).cloned().unwrap_or_default(),
+            interfaces: vec![InvIface {
+                device: device.clone(),
+                mac: mac.clone(),
+                addresses: vec![ip.clone()],
+            }],
+        }));
         let text = serde_yaml::to_string(&InvFile { vms })?;
         let tmp = self.inventory.with_extension("tmp");
         std::fs::write(&tmp, text)?;
@@ -356,6 +391,12 @@ impl Host {
     pub fn metrics(&self) -> Result<String> {
         http_get(self.metrics_port, "/metrics")
     }
+}
+
+fn vms_len_hash(name: &str) -> u64 {
+    name.bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+        & 0xffff_ffff_ffff
 }
 
 /// A minimal HTTP GET on loopback (for `/metrics`).

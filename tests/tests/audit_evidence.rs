@@ -24,7 +24,7 @@ fn compliance_evidence_from_the_live_controller_roles_and_a_scan_alert() {
     if bulkhead_testbed::skip("e2e-audit-evidence") {
         return;
     }
-    let c = Cluster::start().unwrap_or_else(|e| panic!("cluster did not start: {e:#}"));
+    let mut c = Cluster::start().unwrap_or_else(|e| panic!("cluster did not start: {e:#}"));
     let port = c.controller.as_ref().expect("controller").port;
     let auditor = c.pki.admin("carol", "audit-admin").expect("auditor");
     c.pki.admin("bob", "system-admin").expect("sysadmin");
@@ -198,5 +198,47 @@ fn compliance_evidence_from_the_live_controller_roles_and_a_scan_alert() {
             .as_array()
             .is_some_and(|a| a.iter().any(|x| x["attack"] == "scan")),
         "alerts in the report"
+    );
+
+    // A VM whose tap is missing on its host: reported not enforced, with the reason, and
+    // audited as an unenforced interface.
+    c.hosts[0]
+        .add_phantom_vm(
+            "ghost-1",
+            "bhghost0",
+            "52:54:00:ee:00:01",
+            "10.77.0.99",
+            &[("role", "app"), ("env", "prod")],
+        )
+        .expect("phantom");
+    let mut last = None;
+    let ok = wait_until(Duration::from_secs(30), || {
+        let Ok(ev) = evidence_blocking(port, &c.pki.ca, &auditor, false) else {
+            return false;
+        };
+        let found = ev.enforcement.as_ref().is_some_and(|e| {
+            e.iter().any(|i| {
+                i.vm == "ghost-1"
+                    && !i.enforced
+                    && i.reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains("no interface bhghost0 on this host"))
+            })
+        });
+        last = Some(ev);
+        found
+    });
+    assert!(ok, "{:#?}\n{}", last.map(|e| e.enforcement), c.logs());
+    let r = build(&last.expect("evidence"));
+    assert_eq!(item_status(&r, "8.1.3.1 a"), Status::NotMet);
+    assert!(
+        wait_until(Duration::from_secs(10), || audit_records(c.root.path())
+            .is_ok_and(|rs| {
+                rs.iter().any(|r| {
+                    matches!(&r.detail,
+                Event::InterfaceUnenforced { vm, host, .. } if vm == "ghost-1" && host == "hv1")
+                })
+            })),
+        "interface_unenforced recorded"
     );
 }
