@@ -219,6 +219,11 @@ impl Evidence {
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "local".into());
         ev.time_sync = Some(vec![(host, crate::timesync::clock_status())]);
+        // Forwarders publish their status next to the store.
+        let fwd = crate::forward::read_statuses(dir);
+        if !fwd.is_empty() {
+            ev.forwarding = Some(fwd);
+        }
         ev.coverage = Some(cov);
         ev.recent_alerts = Some(alerts);
         Ok(ev)
@@ -578,12 +583,16 @@ pub fn build(ev: &Evidence) -> Report {
                 Some(f) => {
                     for s in f {
                         i.evidence.push(format!(
-                            "forwarding {} → {} over {} ({}), confirmed up to seq {}{}",
+                            "forwarding {} → {} over {} ({}), confirmed up to seq {}{}{}",
                             s.name,
                             s.addr,
                             s.transport,
                             s.payload,
                             s.confirmed,
+                            s.updated_at
+                                .as_ref()
+                                .map(|t| format!(" (status of {t})"))
+                                .unwrap_or_default(),
                             s.last_error
                                 .as_ref()
                                 .map(|e| format!(", last error: {e}"))

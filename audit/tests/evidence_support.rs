@@ -58,3 +58,41 @@ fn role_registry_round_trip_and_one_role_per_account() {
     std::fs::write(&p, "not json").unwrap();
     assert!(RoleAssignments::load(&p).is_err());
 }
+
+/// A forwarder publishes its status next to the store; the report shows it (8.1.3.5 c).
+#[test]
+fn forwarding_status_reaches_the_report() {
+    use bulkhead_audit::forward::{ForwardConfig, Forwarder, Payload, Transport};
+    use bulkhead_audit::report::{build, Evidence, Status};
+    use std::io::Read;
+
+    let d = tempfile::tempdir().unwrap();
+    populated(d.path(), 20);
+    // A syslog receiver that reads everything (a real TCP peer).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut buf = [0u8; 65536];
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    });
+    let mut f = Forwarder::new(
+        d.path(),
+        ForwardConfig::new("siem", &addr, Transport::Tcp, Payload::Json),
+    )
+    .unwrap();
+    let sent = f.pump().unwrap();
+    f.settle().unwrap();
+    assert!(sent >= 20);
+    let ev = Evidence::from_store(d.path(), 184, 10).unwrap();
+    let fwd = ev.forwarding.as_ref().expect("forwarding status");
+    assert_eq!(fwd.len(), 1);
+    assert_eq!(fwd[0].name, "siem");
+    assert_eq!(fwd[0].confirmed, sent);
+    assert!(fwd[0].updated_at.is_some());
+    let r = build(&ev);
+    let c = r.items.iter().find(|i| i.control == "8.1.3.5 c").unwrap();
+    assert_eq!(c.status, Status::Met, "{c:?}");
+    assert!(c.evidence.iter().any(|e| e.contains(&format!("→ {addr}"))));
+}
