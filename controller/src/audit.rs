@@ -13,6 +13,16 @@ use bulkhead_wire::pb;
 pub struct Audit {
     recorder: Recorder,
     dir: std::path::PathBuf,
+    names: std::sync::RwLock<FlowNames>,
+}
+
+/// What flow records are named with beyond what the agent sends: the tier and policy of each
+/// rule id of the served revision, and the VM owning each address of the live inventory.
+#[derive(Clone, Debug, Default)]
+pub struct FlowNames {
+    /// Rule id → (tier, policy).
+    pub rules: std::collections::HashMap<String, (String, String)>,
+    pub vm_of_ip: std::collections::HashMap<std::net::IpAddr, String>,
 }
 
 pub fn rfc3339(unix: i64) -> String {
@@ -57,6 +67,7 @@ impl Audit {
         Ok(Self {
             recorder: Recorder::spawn(store, 4096, 1024),
             dir: dir.to_path_buf(),
+            names: std::sync::RwLock::new(FlowNames::default()),
         })
     }
 
@@ -155,21 +166,38 @@ impl Audit {
         });
     }
 
+    /// Replace the names flow records are completed with (after every served change).
+    pub fn set_flow_names(&self, names: FlowNames) {
+        if let Ok(mut n) = self.names.write() {
+            *n = names;
+        }
+    }
+
     /// Flow records from an agent, with the count of events it could not deliver.
     pub fn flows(&self, host: &str, ev: &pb::FlowEvents) {
-        let addr = |b: &[u8]| match b.len() {
-            4 => std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string(),
-            16 => {
-                let mut o = [0u8; 16];
-                o.copy_from_slice(b);
-                std::net::Ipv6Addr::from(o).to_string()
+        let ip = |b: &[u8]| -> Option<std::net::IpAddr> {
+            match b.len() {
+                4 => Some(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).into()),
+                16 => {
+                    let mut o = [0u8; 16];
+                    o.copy_from_slice(b);
+                    Some(std::net::Ipv6Addr::from(o).into())
+                }
+                _ => None,
             }
-            _ => String::new(),
         };
+        let addr = |b: &[u8]| ip(b).map(|a| a.to_string()).unwrap_or_default();
+        let names = self.names.read().ok();
+        let vm_of = |b: &[u8]| {
+            let a = ip(b)?;
+            names.as_ref()?.vm_of_ip.get(&a).cloned()
+        };
+        let rule_of = |id: &str| names.as_ref()?.rules.get(id).cloned();
         let mut out: Vec<Event> = ev
             .records
             .iter()
             .map(|r| {
+                let (tier, policy) = rule_of(&r.rule).unzip();
                 Event::FlowVerdict(FlowRecord {
                     verdict: bulkhead_audit::flow::verdict_name(r.kind as u8).into(),
                     reason: bulkhead_audit::flow::reason_name(r.reason as u8).into(),
@@ -180,12 +208,12 @@ impl Audit {
                     src_port: r.sport as u16,
                     dst_port: r.dport as u16,
                     vm: r.vm.clone(),
-                    src_vm: None,
-                    dst_vm: None,
+                    src_vm: vm_of(&r.src),
+                    dst_vm: vm_of(&r.dst),
                     ifindex: 0,
                     host: host.to_string(),
-                    tier: None,
-                    policy: None,
+                    tier,
+                    policy,
                     rule: 0,
                     rule_name: (!r.rule.is_empty()).then(|| r.rule.clone()),
                     epoch: 0,
@@ -197,6 +225,7 @@ impl Audit {
                 })
             })
             .collect();
+        drop(names);
         if ev.suppressed > 0 {
             out.push(Event::EventsDropped {
                 source: format!("datapath on {host}"),

@@ -152,6 +152,9 @@ pub fn changed_rules(
 pub struct RuleName {
     pub id: String,
     pub name: String,
+    /// Tier and policy of a policy rule.
+    pub tier: Option<String>,
+    pub policy: Option<String>,
     /// A rule of a policy (not the default, a system endpoint or a quarantine).
     pub policy_rule: bool,
 }
@@ -195,6 +198,8 @@ pub fn analyse_tree(tree: &Path, vms: &[InventoryVm]) -> Result<TreeAnalysis, Ve
                     None => id.clone(),
                 },
                 id,
+                tier: r.map(|r| res.tiers.get(r.tier).cloned().unwrap_or_default()),
+                policy: r.map(|r| r.policy.clone()),
                 policy_rule: r.is_some(),
             }
         })

@@ -407,9 +407,10 @@ impl Controller {
         }
     }
 
-    /// Record every running VM that no policy covers (cloud extension: unauthorised new or
-    /// re-enabled VMs), once each time it becomes uncovered, after every change of the served
-    /// output (new commit or inventory change).
+    /// After every change of the served output (new commit or inventory change): record every
+    /// running VM that no policy covers (cloud extension: unauthorised new or re-enabled VMs),
+    /// once each time it becomes uncovered, and refresh the names flow records get (tier and
+    /// policy of each rule, VM of each address).
     pub async fn follow_coverage(self: Arc<Self>) {
         if self.audit.is_none() {
             return;
@@ -426,10 +427,34 @@ impl Controller {
             let me = self.clone();
             let analysis = tokio::task::spawn_blocking(move || {
                 let (_, tree) = me.good_tree()?;
-                crate::compile::analyse_tree(&tree, &me.inventory_vms()).ok()
+                let vms = me.inventory_vms();
+                let a = crate::compile::analyse_tree(&tree, &vms).ok()?;
+                Some((a, vms))
             })
             .await;
-            let Ok(Some(a)) = analysis else { continue };
+            let Ok(Some((a, vms))) = analysis else {
+                continue;
+            };
+            if let Some(au) = &self.audit {
+                au.set_flow_names(crate::audit::FlowNames {
+                    rules: a
+                        .rules
+                        .iter()
+                        .filter_map(|r| Some((r.id.clone(), (r.tier.clone()?, r.policy.clone()?))))
+                        .collect(),
+                    vm_of_ip: vms
+                        .iter()
+                        .flat_map(|v| {
+                            v.vm.interfaces.iter().flat_map(move |i| {
+                                i.addresses
+                                    .iter()
+                                    .filter_map(|a| a.parse().ok())
+                                    .map(move |a| (a, v.vm.name.clone()))
+                            })
+                        })
+                        .collect(),
+                });
+            }
             let now: BTreeSet<(String, String)> = a.uncovered.into_iter().collect();
             let new: Vec<Event> = now
                 .difference(&known)

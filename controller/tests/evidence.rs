@@ -160,28 +160,6 @@ async fn evidence_from_the_served_revision_agent_reports_and_the_store() {
     // The same state again is not audited twice.
     ctl.host_report("kvm-01", report);
 
-    // A flow record from the agent: times in the records' own format (UTC, +00:00, µs).
-    ctl.audit.as_ref().expect("audit").flows(
-        "kvm-01",
-        &pb::FlowEvents {
-            records: vec![pb::FlowRecord {
-                first_seen_unix_nanos: 1_790_000_000_123_456_789,
-                last_seen_unix_nanos: 1_790_000_001_000_000_000,
-                vm: "his-web-1".into(),
-                kind: u32::from(bulkhead_abi::EVENT_DENY),
-                src: vec![10, 10, 1, 11],
-                dst: vec![10, 10, 2, 11],
-                dport: 22,
-                proto: 6,
-                rule: "base-deny-out".into(),
-                packets: 3,
-                bytes: 180,
-                ..Default::default()
-            }],
-            ..Default::default()
-        },
-    );
-
     // The uncovered VM is recorded once the revision is served.
     let mut uncovered = Vec::new();
     for _ in 0..100 {
@@ -201,6 +179,28 @@ async fn evidence_from_the_served_revision_agent_reports_and_the_store() {
     assert_eq!(
         uncovered,
         vec![("stray-1".to_string(), "kvm-01".to_string())]
+    );
+
+    // A flow record from the agent (after the served revision named things): times in the records' own format (UTC, +00:00, µs).
+    ctl.audit.as_ref().expect("audit").flows(
+        "kvm-01",
+        &pb::FlowEvents {
+            records: vec![pb::FlowRecord {
+                first_seen_unix_nanos: 1_790_000_000_123_456_789,
+                last_seen_unix_nanos: 1_790_000_001_000_000_000,
+                vm: "his-web-1".into(),
+                kind: u32::from(bulkhead_abi::EVENT_DENY),
+                src: vec![10, 10, 1, 11],
+                dst: vec![10, 10, 2, 11],
+                dport: 22,
+                proto: 6,
+                rule: "base-deny-out".into(),
+                packets: 3,
+                bytes: 180,
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
     );
 
     let me = ctl.clone();
@@ -279,6 +279,11 @@ async fn evidence_from_the_served_revision_agent_reports_and_the_store() {
     assert_eq!(flow.first_seen, "2026-09-21T14:13:20.123456+00:00");
     assert_eq!(flow.last_seen, "2026-09-21T14:13:21.000000+00:00");
     assert_eq!((flow.host.as_str(), flow.packets), ("kvm-01", 3));
+    // Completed by the controller from the served revision and the live inventory.
+    assert_eq!(flow.src_vm.as_deref(), Some("his-web-1"));
+    assert_eq!(flow.dst_vm.as_deref(), Some("his-app-1"));
+    assert_eq!(flow.tier.as_deref(), Some("baseline"));
+    assert_eq!(flow.policy.as_deref(), Some("baseline"));
     assert_eq!(ev.retention.as_ref().map(|r| r.retention_days), Some(184));
 
     let report = bulkhead_audit::report::build(&ev);
