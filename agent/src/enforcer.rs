@@ -21,10 +21,27 @@ pub struct Applied {
     pub tables: HostTables,
 }
 
-/// What events need to name things: per epoch, slot → endpoint id and rule index → rule id.
+/// What events need to name things: per epoch, slot → endpoint id and rule index → rule id;
+/// from the inventory, interface → VM and address → VM (for alerts).
 #[derive(Default)]
 pub struct Names {
     pub by_epoch: BTreeMap<u32, EpochNames>,
+    /// This host's name as the kernel knows it (the controller names hosts by certificate).
+    pub host: String,
+    pub ifindex_vm: HashMap<u32, String>,
+    pub ip_vm: HashMap<std::net::IpAddr, String>,
+}
+
+/// Enforcement state of one VM interface, as last seen by `set_inventory`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceAttach {
+    pub vm: String,
+    pub device: String,
+    pub endpoint: String,
+    pub ifindex: Option<u32>,
+    /// Both programs attached (pinned links in place).
+    pub attached: bool,
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Default)]
@@ -42,6 +59,8 @@ pub struct Enforcer {
     bindings: HashMap<String, u32>,
     pub names: Arc<RwLock<Names>>,
     pub last_report: Option<ApplyReport>,
+    bootstrap: u8,
+    interfaces: Vec<InterfaceAttach>,
 }
 
 impl Enforcer {
@@ -65,8 +84,15 @@ impl Enforcer {
             state_file,
             current,
             bindings: HashMap::new(),
-            names: Arc::new(RwLock::new(Names::default())),
+            names: Arc::new(RwLock::new(Names {
+                host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_default(),
+                ..Names::default()
+            })),
             last_report: None,
+            bootstrap,
+            interfaces: Vec::new(),
         })
     }
 
@@ -90,15 +116,39 @@ impl Enforcer {
 
     /// Bring attachments and bindings in line with the VMs found on the host. New interfaces
     /// get their tables before they are attached (so a VM with policy never sees the
-    /// bootstrap posture); interfaces that left are detached.
+    /// bootstrap posture); interfaces that left are detached. An interface that cannot be
+    /// attached does not stop the others; it is reported (`interfaces`) and the first such
+    /// error is returned.
     pub fn set_inventory(&mut self, vms: &[Vm]) -> Result<()> {
         let mut bindings = HashMap::new();
+        let mut ifaces = Vec::new();
+        let mut addresses: BTreeMap<String, Vec<std::net::IpAddr>> = BTreeMap::new();
         for vm in vms {
+            addresses.entry(vm.name.clone()).or_default().extend(
+                vm.interfaces
+                    .iter()
+                    .flat_map(|i| i.addresses.iter().copied()),
+            );
             for iface in &vm.interfaces {
-                if let Some(ifindex) = inventory::ifindex(&iface.device) {
-                    bindings.insert(vm.endpoint_id(iface), ifindex);
+                let endpoint = vm.endpoint_id(iface);
+                let ifindex = inventory::ifindex(&iface.device);
+                if let Some(ifindex) = ifindex {
+                    bindings.insert(endpoint.clone(), ifindex);
                 }
+                ifaces.push(InterfaceAttach {
+                    vm: vm.name.clone(),
+                    device: iface.device.clone(),
+                    endpoint,
+                    ifindex,
+                    attached: false,
+                    error: ifindex
+                        .is_none()
+                        .then(|| format!("no interface {} on this host", iface.device)),
+                });
             }
+        }
+        if let Ok(mut n) = self.names.write() {
+            (n.ifindex_vm, n.ip_vm) = crate::flows::inventory_names(&bindings, &addresses);
         }
         if bindings != self.bindings {
             self.bindings = bindings;
@@ -107,10 +157,14 @@ impl Enforcer {
             }
         }
         let wanted: BTreeSet<u32> = self.bindings.values().copied().collect();
+        let mut first_error = None;
+        let mut failed: HashMap<u32, String> = HashMap::new();
         for &ifindex in &wanted {
-            self.dp
-                .attach(ifindex)
-                .with_context(|| format!("attaching to interface {ifindex}"))?;
+            if let Err(e) = self.dp.attach(ifindex) {
+                let e = anyhow::Error::from(e).context(format!("attaching to interface {ifindex}"));
+                failed.insert(ifindex, format!("{e:#}"));
+                first_error.get_or_insert(e);
+            }
         }
         for ifindex in self.dp.attached_interfaces()? {
             if !wanted.contains(&ifindex) {
@@ -120,7 +174,75 @@ impl Enforcer {
                 tracing::info!(ifindex, "detached: interface gone or no longer a VM's");
             }
         }
-        Ok(())
+        let pinned: BTreeSet<u32> = self.dp.attached_interfaces()?.into_iter().collect();
+        for i in &mut ifaces {
+            if let Some(ifindex) = i.ifindex {
+                i.attached = pinned.contains(&ifindex) && !failed.contains_key(&ifindex);
+                if let Some(e) = failed.get(&ifindex) {
+                    i.error = Some(e.clone());
+                }
+            }
+        }
+        self.interfaces = ifaces;
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Evidence for the controller: every VM interface's enforcement state, per-rule hit
+    /// counters (over revisions), the bootstrap posture and this host's clock state.
+    pub fn host_report(&mut self) -> Result<pb::HostReport> {
+        let boot_offset = bulkhead_audit::flow::boot_offset_ns();
+        let rules = self
+            .tables
+            .rule_counters()
+            .context("reading the rule counters")?
+            .into_iter()
+            .map(|(rule, c)| pb::RuleHits {
+                rule,
+                packets: c.packets,
+                bytes: c.bytes,
+                last_hit_unix_nanos: if c.last_hit_ns == 0 {
+                    0
+                } else {
+                    (i128::from(c.last_hit_ns) + boot_offset) as i64
+                },
+            })
+            .collect();
+        let bound = self.last_report.as_ref().map(|r| &r.slots);
+        let interfaces = self
+            .interfaces
+            .iter()
+            .map(|i| pb::InterfaceState {
+                vm: i.vm.clone(),
+                device: i.device.clone(),
+                endpoint: if bound.is_some_and(|b| b.contains_key(&i.endpoint)) {
+                    i.endpoint.clone()
+                } else {
+                    String::new()
+                },
+                attached: i.attached,
+                error: i.error.clone().unwrap_or_default(),
+            })
+            .collect();
+        let c = bulkhead_audit::timesync::clock_status();
+        Ok(pb::HostReport {
+            rules,
+            interfaces,
+            bootstrap_posture: if self.bootstrap == bulkhead_abi::BOOTSTRAP_ALLOW {
+                "allow".into()
+            } else {
+                "deny".into()
+            },
+            clock: Some(pb::ClockState {
+                synced: c.synced,
+                offset_us: c.offset_us,
+                max_error_us: c.max_error_us,
+                source: c.source,
+                problem: c.problem.unwrap_or_default(),
+            }),
+        })
     }
 
     /// Apply tables atomically, then persist them (a crash between the two re-applies the

@@ -12,6 +12,7 @@ use bulkhead_agent::inventory::Source;
 use bulkhead_agent::metrics::{self, Metrics};
 use bulkhead_agent::netwatch;
 use bulkhead_agent::session::{self, SessionConfig, Shared};
+use bulkhead_audit::alerts::AlertConfig;
 use clap::{Parser, ValueEnum};
 use tokio::sync::watch;
 
@@ -65,6 +66,10 @@ struct Args {
     /// How often aggregated flow events are sent to the controller.
     #[arg(long, value_parser = humantime_secs, default_value = "1")]
     flush_secs: Duration,
+    /// How often rule hit counters and interface enforcement state are sent to the
+    /// controller (compliance evidence); also after every apply.
+    #[arg(long, value_parser = humantime_secs, default_value = "10")]
+    report_secs: Duration,
 }
 
 fn humantime_secs(s: &str) -> Result<Duration, String> {
@@ -115,6 +120,7 @@ async fn main() -> Result<()> {
         cert_pem: read("host.crt")?,
         key_pem: read("host.key")?,
         flush: args.flush_secs,
+        report: args.report_secs,
     };
 
     // Enforcement first: persisted policy, then interfaces.
@@ -131,15 +137,19 @@ async fn main() -> Result<()> {
             .apply(a)
             .context("re-applying the persisted policy")?;
     }
-    enforcer
-        .set_inventory(&vms)
-        .context("attaching to VM interfaces")?;
+    if let Err(e) = enforcer.set_inventory(&vms) {
+        // An interface that cannot be attached must not take the agent (and the reports on
+        // every other interface) down: it is reported to the controller as not enforced, with
+        // the error, and retried at every rescan.
+        tracing::error!(error = format!("{e:#}"), "attaching to VM interfaces");
+    }
     let events = enforcer.take_events()?;
     let metrics = Arc::new(Metrics::new()?);
     metrics.vms.set(vms.len() as i64);
+    let names = enforcer.names.clone();
     let enforcer = Arc::new(Mutex::new(enforcer));
     let pending = Arc::new(Mutex::new(Pending::default()));
-    flows::spawn_reader(events, pending.clone());
+    flows::spawn_reader(events, pending.clone(), names, AlertConfig::default());
     let (vms_tx, vms_rx) = watch::channel(vms);
 
     tokio::spawn(metrics::serve(

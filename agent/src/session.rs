@@ -22,6 +22,8 @@ pub struct SessionConfig {
     pub cert_pem: String,
     pub key_pem: String,
     pub flush: Duration,
+    /// How often the host report (rule counters, interface state) is sent.
+    pub report: Duration,
 }
 
 pub struct Shared {
@@ -124,6 +126,7 @@ async fn session(cfg: &SessionConfig, shared: &Shared) -> Result<()> {
     shared.metrics.connected.set(1);
     tracing::info!(controller = %cfg.controller, "connected");
     let mut flush = tokio::time::interval(cfg.flush);
+    let mut report = tokio::time::interval(cfg.report);
     loop {
         tokio::select! {
             msg = inbound.message() => {
@@ -132,6 +135,13 @@ async fn session(cfg: &SessionConfig, shared: &Shared) -> Result<()> {
                 };
                 let ack = handle(shared, msg).await;
                 tx.send(pb::AgentMessage { kind: Some(pb::agent_message::Kind::Ack(ack)) }).await?;
+                // What is enforced changed: the evidence follows at once.
+                report.reset_immediately();
+            }
+            _ = report.tick() => {
+                if let Some(r) = host_report(shared).await {
+                    tx.send(pb::AgentMessage { kind: Some(pb::agent_message::Kind::Report(r)) }).await?;
+                }
             }
             changed = vms.changed() => {
                 if changed.is_err() {
@@ -152,6 +162,29 @@ async fn session(cfg: &SessionConfig, shared: &Shared) -> Result<()> {
                 shared.metrics.events_forwarded.inc_by(batch.records.len() as u64);
                 tx.send(pb::AgentMessage { kind: Some(pb::agent_message::Kind::Events(batch)) }).await?;
             }
+        }
+    }
+}
+
+/// Rule counters and interface state, read off the I/O threads.
+async fn host_report(shared: &Shared) -> Option<pb::HostReport> {
+    let enforcer = shared.enforcer.clone();
+    let r = tokio::task::spawn_blocking(move || -> Result<pb::HostReport> {
+        let mut e = enforcer
+            .lock()
+            .map_err(|_| anyhow::anyhow!("enforcer lock poisoned"))?;
+        e.host_report()
+    })
+    .await;
+    match r {
+        Ok(Ok(r)) => Some(r),
+        Ok(Err(e)) => {
+            tracing::warn!(error = format!("{e:#}"), "host report not sent");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "host report not sent");
+            None
         }
     }
 }

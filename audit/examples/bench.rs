@@ -31,6 +31,7 @@ fn flow_event(i: u64, names: &StaticNames) -> Event {
         proto: 6,
         family: 4,
         ifindex: 7 + (i % 16) as u32,
+        slot: 1 + (i % 16) as u32,
         epoch: 3,
         rule: (i % 200) as u32,
         src: abi::v4_mapped([10, 1, (i >> 8) as u8, i as u8]),

@@ -62,8 +62,9 @@ pub enum AuditCommand {
         /// Only remote administration flows: SSH, RDP, VNC, WinRM (8.1.3.5 d).
         #[arg(long)]
         remote_admin: bool,
-        /// Output file (default: stdout).
-        #[arg(long, short)]
+        /// Output file (default: stdout). Not `-o`/`--output`: the admin CLI uses those
+        /// globally for the output format.
+        #[arg(id = "out_file", long = "out")]
         output: Option<PathBuf>,
     },
     /// MLPS Level 3 compliance report (HTML or JSON).
@@ -77,7 +78,8 @@ pub enum AuditCommand {
         evidence: Option<PathBuf>,
         #[arg(long, default_value_t = MIN_RETENTION_DAYS)]
         retention_days: u32,
-        #[arg(long, short)]
+        /// Report file (default: stdout).
+        #[arg(id = "out_file", long = "out")]
         output: Option<PathBuf>,
     },
     /// Forward records to a SIEM (syslog RFC 5424 over TCP or TLS), from the persisted cursor.
@@ -301,8 +303,24 @@ pub fn run(cmd: AuditCommand, out: &mut dyn Write) -> Result<i32> {
     }
 }
 
-/// Controller-supplied evidence overrides the store-derived parts it sets.
-fn merge(ev: &mut Evidence, g: Evidence) {
+/// Controller-supplied evidence overrides the store-derived parts it sets; its retention
+/// setting (the one the controller enforces) replaces the assumed one.
+pub fn merge(ev: &mut Evidence, g: Evidence) {
+    if let Some(r) = &g.retention {
+        match &mut ev.retention {
+            Some(mine) => mine.retention_days = r.retention_days,
+            None => ev.retention = Some(r.clone()),
+        }
+    }
+    if ev.integrity.is_none() {
+        ev.integrity = g.integrity.clone();
+    }
+    if ev.coverage.is_none() {
+        ev.coverage = g.coverage.clone();
+    }
+    if ev.recent_alerts.is_none() {
+        ev.recent_alerts = g.recent_alerts.clone();
+    }
     macro_rules! take {
         ($($f:ident),*) => { $( if g.$f.is_some() { ev.$f = g.$f; } )* };
     }

@@ -134,6 +134,8 @@ pub struct FlowKey {
     pub proto: u8,
     pub family: u8,
     pub ifindex: u32,
+    /// Endpoint slot in the tables of `epoch` (stable per interface; names the endpoint).
+    pub slot: u32,
     pub epoch: u32,
     pub rule: u32,
     pub src: [u8; 16],
@@ -151,6 +153,7 @@ impl FlowKey {
             proto: e.proto,
             family: e.family,
             ifindex: e.ifindex,
+            slot: e.slot,
             epoch: e.epoch,
             rule: e.rule,
             src: e.src,
@@ -229,9 +232,15 @@ impl FlowAggregator {
         }
     }
 
-    /// Emit flows first seen at least `window` before `now_boot_ns` (all when `force`),
-    /// plus an `events_dropped` record for any overflow.
-    pub fn flush(&mut self, now_boot_ns: u64, names: &dyn Names, force: bool) -> Vec<Event> {
+    /// Events not folded into any flow since the last drain (table full), kernel-suppressed
+    /// counts of those events included.
+    pub fn overflow(&self) -> u64 {
+        self.overflow
+    }
+
+    /// Take the flows first seen at least `window` before `now_boot_ns` (all when `force`),
+    /// oldest first, with the overflow count since the last drain (which is reset).
+    pub fn drain(&mut self, now_boot_ns: u64, force: bool) -> (Vec<(FlowKey, FlowAgg)>, u64) {
         let mut due: Vec<(FlowKey, FlowAgg)> = Vec::new();
         let w = self.window_ns;
         self.map.retain(|k, a| {
@@ -243,17 +252,23 @@ impl FlowAggregator {
             }
         });
         due.sort_by_key(|(_, a)| a.first_ns);
+        self.records_out += due.len() as u64;
+        (due, std::mem::take(&mut self.overflow))
+    }
+
+    /// Emit flows first seen at least `window` before `now_boot_ns` (all when `force`),
+    /// plus an `events_dropped` record for any overflow.
+    pub fn flush(&mut self, now_boot_ns: u64, names: &dyn Names, force: bool) -> Vec<Event> {
+        let (due, overflow) = self.drain(now_boot_ns, force);
         let mut out: Vec<Event> = due.iter().map(|(k, a)| to_record(k, a, names)).collect();
-        if self.overflow > 0 {
+        if overflow > 0 {
             out.push(Event::EventsDropped {
                 source: format!("flow-aggregator@{}", names.host()),
-                count: self.overflow,
+                count: overflow,
                 reason: "aggregation table full: flow events counted, not stored individually"
                     .into(),
             });
-            self.overflow = 0;
         }
-        self.records_out += due.len() as u64;
         out
     }
 }

@@ -359,6 +359,29 @@ pub struct ForwardStatus {
     pub resent: u64,
     /// Records removed by retention before they could be forwarded (never silently).
     pub skipped_purged: u64,
+    /// When the forwarder last wrote this status (its `forward-<name>.status.json` in the
+    /// store directory, read by the compliance report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+}
+
+/// The status files forwarders keep in a store directory (`forward-<name>.status.json`).
+pub fn read_statuses(store_dir: &Path) -> Vec<ForwardStatus> {
+    let Ok(entries) = fs::read_dir(store_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<ForwardStatus> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("forward-") && n.ends_with(".status.json"))
+        })
+        .filter_map(|p| fs::read_to_string(p).ok())
+        .filter_map(|t| serde_json::from_str(&t).ok())
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
 }
 
 /// Reads records from the store incrementally.
@@ -571,7 +594,23 @@ impl Forwarder {
         fs::write(&tmp, format!("{seq}\n")).ctx(&tmp)?;
         fs::rename(&tmp, &self.cursor_path).ctx(&self.cursor_path)?;
         self.status.confirmed = seq;
+        self.write_status();
         Ok(())
+    }
+
+    /// Publish the status for the compliance report (best effort, no fsync: the cursor is
+    /// what delivery relies on; this is information).
+    fn write_status(&mut self) {
+        self.status.updated_at = Some(crate::record::format_ts(time::OffsetDateTime::now_utc()));
+        let path = self
+            .dir
+            .join(format!("forward-{}.status.json", self.cfg.name));
+        let tmp = path.with_extension("json.tmp");
+        if let Ok(text) = serde_json::to_string_pretty(&self.status) {
+            if fs::write(&tmp, text).is_ok() {
+                let _ = fs::rename(&tmp, &path);
+            }
+        }
     }
 
     fn drop_conn(&mut self, err: &Error) {
@@ -585,6 +624,7 @@ impl Forwarder {
         self.unconfirmed.clear();
         self.status.sent = self.status.confirmed;
         self.tail.seek(self.status.confirmed);
+        self.write_status();
     }
 
     /// Confirm batches that have been on a healthy connection for `confirm_after`.

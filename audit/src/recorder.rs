@@ -23,7 +23,15 @@ enum Msg {
     Events(Vec<Event>, Option<Reply>),
     Checkpoint(Reply),
     Retention(mpsc::Sender<std::result::Result<Vec<String>, String>>),
+    /// Acknowledge once everything before is durable, then write nothing until the
+    /// guard's sender is dropped.
+    Pause(mpsc::Sender<()>, Receiver<()>),
     Stop,
+}
+
+/// While held, the writer appends nothing (see [`Recorder::pause`]); dropping it resumes.
+pub struct PauseGuard {
+    _resume: mpsc::Sender<()>,
 }
 
 /// Counters of a recorder.
@@ -131,6 +139,20 @@ impl Recorder {
             .map_err(Error::Forward)
     }
 
+    /// Make everything queued so far durable and checkpointed, then hold the writer until
+    /// the guard is dropped: the store's files stay still, so a reader (a live `verify`, the
+    /// compliance report) sees no half-written tail. Flow records offered meanwhile queue up
+    /// and, if the queue fills, are counted as dropped — accounted as always.
+    pub fn pause(&self) -> Result<PauseGuard> {
+        let (ack_tx, ack_rx) = mpsc::channel();
+        let (resume_tx, resume_rx) = mpsc::channel();
+        self.tx
+            .send(Msg::Pause(ack_tx, resume_rx))
+            .map_err(|_| Error::Stopped)?;
+        ack_rx.recv().map_err(|_| Error::Stopped)?;
+        Ok(PauseGuard { _resume: resume_tx })
+    }
+
     /// Drain the queue, record the stop, checkpoint and join the writer.
     pub fn shutdown(mut self) -> Result<()> {
         let _ = self.tx.send(Msg::Stop);
@@ -169,6 +191,7 @@ fn writer(
         let mut stop = false;
         let mut ckpt: Vec<Reply> = Vec::new();
         let mut retention = Vec::new();
+        let mut pauses = Vec::new();
         let mut msg = Some(first);
         while let Some(m) = msg.take() {
             match m {
@@ -184,6 +207,11 @@ fn writer(
                 }
                 Msg::Checkpoint(r) => ckpt.push(r),
                 Msg::Retention(r) => retention.push(r),
+                Msg::Pause(ack, resume) => {
+                    pauses.push((ack, resume));
+                    // Nothing queued after the pause may be written before it.
+                    break;
+                }
                 Msg::Stop => {
                     stop = true;
                     break;
@@ -234,6 +262,13 @@ fn writer(
         for r in ckpt {
             let res = store.checkpoint().map(|_| 0..0).map_err(|e| e.to_string());
             let _ = r.send(res);
+        }
+        for (ack, resume) in pauses {
+            let _ = store.checkpoint();
+            if ack.send(()).is_ok() {
+                // Returns when the guard is dropped.
+                let _ = resume.recv();
+            }
         }
         if stop {
             // Drain anything still queued, then close.

@@ -18,8 +18,11 @@ use crate::timesync::ClockStatus;
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ScopeDefault {
     pub scope: String,
-    /// `deny` or `allow`.
+    /// `deny` or `allow` (also `reject`, or `monitor` for a VM whose denies are only recorded).
     pub action: String,
+    /// Where it is in force (e.g. compiled into which endpoints, enforced by which hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -55,7 +58,12 @@ pub struct RuleAnalysis {
 pub struct HostPolicy {
     pub host: String,
     pub commit: String,
-    pub epoch: u32,
+    /// Datapath epoch, when known.
+    #[serde(default)]
+    pub epoch: Option<u32>,
+    /// Whether the host's agent is connected now (`None`: not known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
     pub enforced_at: Option<String>,
     pub in_sync: bool,
 }
@@ -211,6 +219,11 @@ impl Evidence {
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "local".into());
         ev.time_sync = Some(vec![(host, crate::timesync::clock_status())]);
+        // Forwarders publish their status next to the store.
+        let fwd = crate::forward::read_statuses(dir);
+        if !fwd.is_empty() {
+            ev.forwarding = Some(fwd);
+        }
         ev.coverage = Some(cov);
         ev.recent_alerts = Some(alerts);
         Ok(ev)
@@ -333,9 +346,16 @@ pub fn build(ev: &Evidence) -> Report {
         None => no_evidence(i, "the default action of every scope from the controller"),
         Some(scopes) => {
             for s in scopes {
-                i.evidence
-                    .push(format!("scope {}: default {}", s.scope, s.action));
-                if s.action != "deny" {
+                i.evidence.push(format!(
+                    "scope {}: default {}{}",
+                    s.scope,
+                    s.action,
+                    s.detail
+                        .as_ref()
+                        .map(|d| format!(" — {d}"))
+                        .unwrap_or_default()
+                ));
+                if s.action != "deny" && s.action != "reject" {
                     i.gaps
                         .push(format!("scope {} defaults to {}", s.scope, s.action));
                 }
@@ -563,12 +583,16 @@ pub fn build(ev: &Evidence) -> Report {
                 Some(f) => {
                     for s in f {
                         i.evidence.push(format!(
-                            "forwarding {} → {} over {} ({}), confirmed up to seq {}{}",
+                            "forwarding {} → {} over {} ({}), confirmed up to seq {}{}{}",
                             s.name,
                             s.addr,
                             s.transport,
                             s.payload,
                             s.confirmed,
+                            s.updated_at
+                                .as_ref()
+                                .map(|t| format!(" (status of {t})"))
+                                .unwrap_or_default(),
                             s.last_error
                                 .as_ref()
                                 .map(|e| format!(", last error: {e}"))
@@ -686,12 +710,17 @@ pub fn build(ev: &Evidence) -> Report {
             have = true;
             for h in p {
                 i.evidence.push(format!(
-                    "host {}: revision {} (epoch {}) enforced since {}{}",
+                    "host {}: revision {}{} enforced since {}{}{}",
                     h.host,
                     h.commit,
-                    h.epoch,
+                    h.epoch.map(|e| format!(" (epoch {e})")).unwrap_or_default(),
                     h.enforced_at.as_deref().unwrap_or("-"),
-                    if h.in_sync { "" } else { " — OUT OF SYNC" }
+                    if h.in_sync { "" } else { " — OUT OF SYNC" },
+                    if h.connected == Some(false) {
+                        " (agent not connected now)"
+                    } else {
+                        ""
+                    }
                 ));
                 if !h.in_sync {
                     i.gaps.push(format!(

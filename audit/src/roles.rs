@@ -331,6 +331,37 @@ impl RoleAssignments {
     }
 
     /// Whether every role has at least one account and no account has two roles.
+    /// Read a registry file (JSON: `{"accounts": {"alice": "security-admin", …}}`); a
+    /// missing file is an empty registry.
+    pub fn load(path: &std::path::Path) -> crate::Result<RoleAssignments> {
+        match std::fs::read_to_string(path) {
+            Ok(t) => Ok(serde_json::from_str(&t)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(crate::Error::Io {
+                path: path.to_path_buf(),
+                source: e,
+            }),
+        }
+    }
+
+    /// Write the registry atomically (temporary file, fsync, rename).
+    pub fn save(&self, path: &std::path::Path) -> crate::Result<()> {
+        let io = |e| crate::Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let tmp = path.with_extension("tmp");
+        let mut text = serde_json::to_string_pretty(self)?;
+        text.push('\n');
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(text.as_bytes()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
     pub fn separated(&self) -> bool {
         Role::ALL
             .iter()

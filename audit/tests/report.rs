@@ -61,10 +61,12 @@ fn every_control_item_is_reported_and_gaps_are_plain() {
         ScopeDefault {
             scope: "global".into(),
             action: "deny".into(),
+            detail: None,
         },
         ScopeDefault {
             scope: "zone/lab".into(),
             action: "allow".into(),
+            detail: None,
         },
     ]);
     let mut ra = RoleAssignments::default();

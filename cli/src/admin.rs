@@ -142,3 +142,122 @@ pub fn print_text(s: &pb::StatusReply) {
         }
     }
 }
+
+/// `bulkhead compliance report`: the MLPS Level 3 report with the controller's live evidence.
+#[derive(Args)]
+pub struct ComplianceArgs {
+    /// Controller admin/gRPC address.
+    #[arg(
+        long,
+        env = "BULKHEAD_CONTROLLER",
+        default_value = "https://127.0.0.1:7443"
+    )]
+    pub controller: String,
+    /// Name the controller's certificate carries.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+    /// Directory with ca.crt and USER.crt / USER.key (`bulkhead-controller pki admin USER`).
+    #[arg(long, env = "BULKHEAD_PKI", default_value = ".")]
+    pub pki: PathBuf,
+    /// Audit administrator whose certificate to use (audit-admin role).
+    #[arg(long, env = "BULKHEAD_USER")]
+    pub user: String,
+    /// A local copy of the audit store to verify and summarise here; by default the
+    /// controller verifies and summarises its own store.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "html")]
+    pub format: bulkhead_audit::cli::ReportFormat,
+    /// Report file (default: stdout).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also save the evidence the report was built from (JSON; `audit report --evidence`).
+    #[arg(long)]
+    pub save_evidence: Option<PathBuf>,
+}
+
+/// Ask the controller for its live compliance evidence (the audit administrator's operation;
+/// refused for other roles, and every call audited by the controller).
+pub fn fetch_evidence(
+    a: &ComplianceArgs,
+    include_store: bool,
+) -> Result<bulkhead_audit::report::Evidence> {
+    let read = |f: String| {
+        let p = a.pki.join(&f);
+        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+    };
+    let (ca, cert, key) = (
+        read("ca.crt".into())?,
+        read(format!("{}.crt", a.user))?,
+        read(format!("{}.key", a.user))?,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let json = rt.block_on(async {
+        let ch = bulkhead_wire::connect(&a.controller, &a.server_name, &ca, &cert, &key)
+            .await
+            .with_context(|| format!("connecting to {}", a.controller))?;
+        let reply = pb::admin_client::AdminClient::new(ch)
+            .evidence(pb::EvidenceRequest { include_store })
+            .await
+            .map_err(|s| {
+                anyhow::anyhow!("controller {}: {}: {}", a.controller, s.code(), s.message())
+            })?;
+        anyhow::Ok(reply.into_inner().evidence_json)
+    })?;
+    serde_json::from_str(&json)
+        .with_context(|| format!("evidence from the controller at {}", a.controller))
+}
+
+/// Build the report: the controller's evidence, merged with a local store's when `--dir`
+/// is given. Returns the report and the evidence it used.
+pub fn compliance_report(
+    a: &ComplianceArgs,
+) -> Result<(
+    bulkhead_audit::report::Report,
+    bulkhead_audit::report::Evidence,
+)> {
+    use bulkhead_audit::report::{build, Evidence};
+    let given = fetch_evidence(a, a.dir.is_none())?;
+    let ev = match &a.dir {
+        None => given,
+        Some(d) => {
+            let days = given
+                .retention
+                .as_ref()
+                .map_or(bulkhead_audit::store::MIN_RETENTION_DAYS, |r| {
+                    r.retention_days
+                });
+            let mut ev = Evidence::from_store(d, days, 50)
+                .with_context(|| format!("reading the audit store {}", d.display()))?;
+            bulkhead_audit::cli::merge(&mut ev, given);
+            ev
+        }
+    };
+    Ok((build(&ev), ev))
+}
+
+pub fn run_compliance_report(a: &ComplianceArgs) -> Result<()> {
+    use bulkhead_audit::cli::ReportFormat;
+    let (r, ev) = compliance_report(a)?;
+    if let Some(p) = &a.save_evidence {
+        std::fs::write(p, serde_json::to_string_pretty(&ev)? + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    let text = match a.format {
+        ReportFormat::Html => bulkhead_audit::report::html(&r),
+        ReportFormat::Json => serde_json::to_string_pretty(&r)? + "\n",
+    };
+    match &a.out {
+        Some(p) => {
+            std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+            println!("report written to {}", p.display());
+            for (s, n) in &r.summary {
+                println!("  {s:?}: {n}");
+            }
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}

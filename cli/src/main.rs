@@ -48,6 +48,20 @@ enum Top {
     /// The audit trail: verify, export, compliance report, SIEM forwarding (audit-admin).
     #[command(subcommand)]
     Audit(bulkhead_audit::cli::AuditCommand),
+    /// MLPS Level 3 compliance evidence from the live controller (audit-admin).
+    #[command(subcommand)]
+    Compliance(ComplianceCmd),
+}
+
+#[derive(Subcommand)]
+enum ComplianceCmd {
+    /// The compliance report: every control item of MLPS Level 3 this product carries, with
+    /// live evidence from the controller (default deny per scope, per-interface enforcement,
+    /// rule analysis with hit counters, policy distribution, roles, clocks) and from the
+    /// audit store (integrity, retention, coverage, alerts).
+    ///
+    ///   bulkhead compliance report --pki ~/.bulkhead --user carol --out report.html
+    Report(admin::ComplianceArgs),
 }
 
 #[derive(Args, Clone)]
@@ -319,6 +333,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             });
+        }
+        Top::Compliance(ComplianceCmd::Report(a)) => {
+            admin::run_compliance_report(&a)?;
+            return Ok(ExitCode::SUCCESS);
         }
         Top::Audit(cmd) => {
             let code = bulkhead_audit::cli::run(cmd, &mut std::io::stdout().lock())?;

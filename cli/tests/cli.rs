@@ -376,3 +376,66 @@ fn quarantine_as_an_emergency_action() {
     ]);
     assert!(stdout(&o).contains("ALLOW"), "{}", stdout(&o));
 }
+
+/// `bulkhead audit …` inside the admin CLI, whose global `-o/--output` is the output format:
+/// export and report take `--out FILE`.
+#[test]
+fn audit_export_and_report_through_the_admin_cli() {
+    use bulkhead_audit::record::Event;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("audit");
+    let (mut store, _) =
+        bulkhead_audit::Store::open(bulkhead_audit::StoreConfig::new(&dir, "ctl-01")).unwrap();
+    store
+        .append(Event::AdminAction {
+            user: "bob".into(),
+            role: Some(bulkhead_audit::roles::Role::SystemAdmin),
+            source: "10.0.0.6:40022".into(),
+            operation: "audit_configure".into(),
+            object: "audit/forwarding".into(),
+            before: None,
+            after: None,
+            success: false,
+            reason: Some("refused".into()),
+        })
+        .unwrap();
+    store.close().unwrap();
+    let d = dir.to_str().unwrap();
+    let o = run(&[
+        "audit",
+        "export",
+        "--dir",
+        d,
+        "--format",
+        "csv",
+        "--type",
+        "admin_action",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("audit_configure"), "{}", stdout(&o));
+    let out = t.path().join("export.jsonl");
+    let o = run(&[
+        "audit",
+        "export",
+        "--dir",
+        d,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read_to_string(&out).unwrap().contains("\"seq\":0"));
+    let report = t.path().join("report.json");
+    let o = run(&[
+        "audit",
+        "report",
+        "--dir",
+        d,
+        "--format",
+        "json",
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!(v["items"].as_array().unwrap().len() >= 18);
+}

@@ -47,12 +47,8 @@ pub fn inventory(vms: &[InventoryVm]) -> Inventory {
     }
 }
 
-/// Compile a commit's tree for the reported inventory. An `inventory.yaml` in the repository
-/// (an example for the CLI) is ignored: the agents say what runs where.
-pub fn compile_tree(
-    tree: &Path,
-    vms: &[InventoryVm],
-) -> Result<BTreeMap<String, HostTables>, Vec<String>> {
+/// A commit's policy files and the reported inventory as compiler sources.
+fn sources(tree: &Path, vms: &[InventoryVm]) -> Result<(Vec<Source>, Source), Vec<String>> {
     let dir = policy_dir(tree);
     let rel = |p: &Path| p.strip_prefix(tree).unwrap_or(p).to_path_buf();
     let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -72,13 +68,157 @@ pub fn compile_tree(
     }
     let inv_text = serde_yaml::to_string(&inventory(vms)).map_err(|e| vec![e.to_string()])?;
     let inv = Source::new("<inventory reported by the agents>", inv_text);
-    match load_sources_live(files, inv) {
-        Ok((_, resolved)) => Ok(bulkhead_policy::compile(&resolved)
-            .hosts
-            .into_iter()
-            .map(|(h, out)| (h, out.tables.clone()))
-            .collect()),
-        Err(LoadError::Invalid(diags)) => Err(diags.iter().map(|d| d.to_string()).collect()),
-        Err(e) => Err(vec![e.to_string()]),
+    Ok((files, inv))
+}
+
+fn load_errors(e: LoadError) -> Vec<String> {
+    match e {
+        LoadError::Invalid(diags) => diags.iter().map(|d| d.to_string()).collect(),
+        e => vec![e.to_string()],
     }
+}
+
+/// Compile a commit's tree for the reported inventory. An `inventory.yaml` in the repository
+/// (an example for the CLI) is ignored: the agents say what runs where.
+pub fn compile_tree(
+    tree: &Path,
+    vms: &[InventoryVm],
+) -> Result<BTreeMap<String, HostTables>, Vec<String>> {
+    let (files, inv) = sources(tree, vms)?;
+    let (_, resolved) = load_sources_live(files, inv).map_err(load_errors)?;
+    Ok(bulkhead_policy::compile(&resolved)
+        .hosts
+        .into_iter()
+        .map(|(h, out)| (h, out.tables.clone()))
+        .collect())
+}
+
+/// Every policy rule of a commit's tree, by id, as canonical text: the rule and the policy
+/// header it inherits (name, tier, priority, mode, symmetry, applied-to; the description is
+/// not part of the meaning). Files that do not parse are skipped (the compiler reports them).
+pub fn rule_texts(tree: &Path) -> BTreeMap<String, String> {
+    let dir = policy_dir(tree);
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return out;
+    };
+    for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        if !p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        let Ok(file) = serde_yaml::from_str::<bulkhead_policy::PolicyFile>(&text) else {
+            continue;
+        };
+        for mut policy in file.policies {
+            let rules: Vec<(&str, bulkhead_policy::types::Rule)> =
+                std::mem::take(&mut policy.ingress)
+                    .into_iter()
+                    .map(|r| ("ingress", r))
+                    .chain(
+                        std::mem::take(&mut policy.egress)
+                            .into_iter()
+                            .map(|r| ("egress", r)),
+                    )
+                    .collect();
+            policy.description = None;
+            let header = serde_json::to_string(&policy).unwrap_or_default();
+            for (dir, mut rule) in rules {
+                rule.description = None;
+                let body = serde_json::to_string(&rule).unwrap_or_default();
+                out.insert(rule.id.clone(), format!("{header}\n{dir}\n{body}"));
+            }
+        }
+    }
+    out
+}
+
+/// Rules present in both trees whose meaning changed.
+pub fn changed_rules(
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, String>,
+) -> Vec<String> {
+    after
+        .iter()
+        .filter(|(id, text)| before.get(*id).is_some_and(|b| b != *text))
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// One rule of a revision: its stable id and what it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleName {
+    pub id: String,
+    pub name: String,
+    /// Tier and policy of a policy rule.
+    pub tier: Option<String>,
+    pub policy: Option<String>,
+    /// A rule of a policy (not the default, a system endpoint or a quarantine).
+    pub policy_rule: bool,
+}
+
+/// What the compliance report needs from a revision beyond its tables: the default action,
+/// monitor-mode VMs, every rule, and the linter's findings (MLPS 8.1.3.2 a, b).
+#[derive(Clone, Debug)]
+pub struct TreeAnalysis {
+    /// `deny`, `reject` or `allow`.
+    pub default_action: String,
+    /// Running VMs whose interfaces are in monitor mode (denies recorded, not enforced).
+    pub monitor_vms: Vec<String>,
+    pub rules: Vec<RuleName>,
+    pub findings: Vec<bulkhead_policy::lint::Finding>,
+    /// Running VMs (name, host) that no policy applies to: only the default action (and
+    /// system endpoints) judge their traffic.
+    pub uncovered: Vec<(String, String)>,
+}
+
+/// Load, compile and lint a commit's tree for the reported inventory.
+pub fn analyse_tree(tree: &Path, vms: &[InventoryVm]) -> Result<TreeAnalysis, Vec<String>> {
+    let (files, inv) = sources(tree, vms)?;
+    let (set, res) = load_sources_live(files, inv).map_err(load_errors)?;
+    let compiled = bulkhead_policy::compile(&res);
+    let findings = bulkhead_policy::lint::lint(&set, &res, &compiled);
+    let specials = 1 + res.system.len() + res.quarantine.len();
+    let rules = res
+        .rule_ids()
+        .into_iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let r = i.checked_sub(specials).and_then(|k| res.rules.get(k));
+            RuleName {
+                name: match r {
+                    Some(r) => format!(
+                        "policy {} (tier {})",
+                        r.policy,
+                        res.tiers.get(r.tier).map_or("?", String::as_str)
+                    ),
+                    None if i == 0 => "default action".into(),
+                    None => id.clone(),
+                },
+                id,
+                tier: r.map(|r| res.tiers.get(r.tier).cloned().unwrap_or_default()),
+                policy: r.map(|r| r.policy.clone()),
+                policy_rule: r.is_some(),
+            }
+        })
+        .collect();
+    Ok(TreeAnalysis {
+        default_action: format!("{:?}", res.default_action).to_lowercase(),
+        monitor_vms: res
+            .monitor_vms
+            .iter()
+            .filter_map(|&i| res.vms.get(i).map(|v| v.name.clone()))
+            .collect(),
+        rules,
+        findings,
+        uncovered: res
+            .vms
+            .iter()
+            .zip(&res.vm_rules)
+            .filter(|(_, rules)| rules.iter().all(|(_, reflected)| *reflected))
+            .map(|(v, _)| (v.name.clone(), v.host.clone()))
+            .collect(),
+    })
 }

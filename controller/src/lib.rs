@@ -6,6 +6,7 @@
 //! host acknowledges is recorded with the time it began enforcing it.
 pub mod audit;
 pub mod compile;
+pub mod evidence;
 pub mod metrics;
 pub mod repo;
 pub mod server;
@@ -69,6 +70,8 @@ pub struct HostState {
     pub inventory_at: Option<Instant>,
     /// Tables this host may hold, by digest (recent ones): the base for deltas.
     pub known: VecDeque<HostTablesRev>,
+    /// The agent's last compliance evidence (rule counters, interfaces, clock) and when.
+    pub report: Option<(i64, pb::HostReport)>,
 }
 
 pub struct State {
@@ -100,6 +103,8 @@ pub struct Controller {
     inventory_changed: Notify,
     pub metrics: Metrics,
     pub audit: Option<audit::Audit>,
+    /// Where the compliance evidence comes from (set once at start; defaults otherwise).
+    pub evidence_config: std::sync::OnceLock<evidence::EvidenceConfig>,
 }
 
 impl Controller {
@@ -123,6 +128,7 @@ impl Controller {
             inventory_changed: Notify::new(),
             metrics: Metrics::new()?,
             audit,
+            evidence_config: std::sync::OnceLock::new(),
         }))
     }
 
@@ -154,6 +160,17 @@ impl Controller {
         let revision = self.repo.revision(&head)?;
         let dir = tempfile::tempdir()?;
         self.repo.export(&head, dir.path())?;
+        // Rules whose text changed since the last good commit (for the revision's audit record).
+        let changed = match &self.audit {
+            Some(_) => {
+                let before = self
+                    .good_tree()
+                    .map(|(_, t)| compile::rule_texts(&t))
+                    .unwrap_or_default();
+                compile::changed_rules(&before, &compile::rule_texts(dir.path()))
+            }
+            None => Vec::new(),
+        };
         tracing::info!(commit = %head, author = %revision.author, summary = %revision.summary, "new commit");
         let inventory = self.inventory();
         let started = Instant::now();
@@ -181,10 +198,11 @@ impl Controller {
                 self.serve(&mut st, revision.clone(), hosts, inventory.1, detected);
                 if let (Some(a), Some(s)) = (&self.audit, &st.serving) {
                     let after = rule_ids(&s.hosts);
-                    a.revision(
+                    a.revision_changes(
                         &revision,
                         after.difference(&before).cloned().collect(),
                         before.difference(&after).cloned().collect(),
+                        changed,
                         Ok(()),
                     );
                 }
@@ -206,6 +224,19 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// The exported tree of the commit being served (for the compliance analysis).
+    pub fn good_tree(&self) -> Option<(pb::Revision, std::path::PathBuf)> {
+        let st = self.state();
+        st.good
+            .as_ref()
+            .map(|(rev, dir, _)| (rev.clone(), dir.path().to_path_buf()))
+    }
+
+    /// All VMs reported by all hosts (where each was reported last).
+    pub fn inventory_vms(&self) -> Vec<InventoryVm> {
+        self.inventory().0
     }
 
     /// Recompile the last good commit whenever an agent's inventory changes (coalesced).

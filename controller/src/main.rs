@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use bulkhead_audit::roles::{Role, RoleAssignments};
+use bulkhead_controller::evidence::{EvidenceConfig, ROLES_FILE};
 use bulkhead_controller::repo::Repo;
 use bulkhead_controller::server::{AdminService, EnforcementService};
 use bulkhead_controller::{metrics, Controller};
@@ -60,6 +62,16 @@ struct ServeArgs {
     /// The audit trail (append-only, hash-chained, signed checkpoints, 184-day retention).
     #[arg(long, default_value = "/var/lib/bulkhead/audit")]
     audit_dir: PathBuf,
+    /// Audit retention in days (Cybersecurity Law: six months; less than 184 is refused).
+    /// Older closed segments are removed by a scheduled job, each removal recorded first.
+    #[arg(long, default_value_t = bulkhead_audit::store::MIN_RETENTION_DAYS)]
+    retention_days: u32,
+    /// How often the retention job runs, in hours (also once at start).
+    #[arg(long, default_value_t = 24)]
+    retention_check_hours: u64,
+    /// Clock-sync state is recorded when it changes and at least this often, in minutes.
+    #[arg(long, default_value_t = 10)]
+    timesync_record_minutes: u64,
 }
 
 #[derive(Subcommand)]
@@ -148,6 +160,18 @@ fn pki_cmd(cmd: PkiCmd) -> Result<()> {
                 "unknown role {role:?}; one of {}",
                 ROLES.join(", ")
             );
+            // The role registry: one role per account (MLPS 8.1.5), exported in the
+            // compliance report. A second role for an existing account is refused.
+            let registry = dir.join(ROLES_FILE);
+            let mut roles = RoleAssignments::load(&registry)
+                .with_context(|| format!("reading the role registry {}", registry.display()))?;
+            let r = Role::parse(&role).with_context(|| format!("unknown role {role:?}"))?;
+            roles.assign(&user, r).with_context(|| {
+                format!(
+                    "{user} already holds another role in {}; one account cannot combine roles",
+                    registry.display()
+                )
+            })?;
             let ca = pki::read_pair(&dir, "ca")?;
             let cert = pki::issue(
                 &ca,
@@ -160,6 +184,9 @@ fn pki_cmd(cmd: PkiCmd) -> Result<()> {
             )?;
             pki::write_pair(&out, &user, &cert)?;
             write_ca(&out, &ca)?;
+            roles
+                .save(&registry)
+                .with_context(|| format!("writing the role registry {}", registry.display()))?;
             println!("certificate for {user} written to {}", out.display());
         }
     }
@@ -192,8 +219,19 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "controller".into());
-    let audit = bulkhead_controller::audit::Audit::open(&a.audit_dir, &host)?;
+    let audit =
+        bulkhead_controller::audit::Audit::open_with(&a.audit_dir, &host, a.retention_days)?;
     let ctl = Controller::new(repo, compiler(), Some(audit))?;
+    let _ = ctl.evidence_config.set(EvidenceConfig {
+        pki_dir: Some(a.pki.clone()),
+        retention_days: a.retention_days,
+        host: host.clone(),
+    });
+    tokio::spawn(ctl.clone().audit_housekeeping(
+        Duration::from_secs(a.retention_check_hours.max(1) * 3600),
+        Duration::from_secs(a.timesync_record_minutes.max(1) * 60),
+    ));
+    tokio::spawn(ctl.clone().follow_coverage());
     tokio::spawn(ctl.clone().follow_repo(Duration::from_millis(a.poll_ms)));
     tokio::spawn(ctl.clone().follow_inventory());
     tokio::spawn(metrics::serve(a.metrics, ctl.clone()));

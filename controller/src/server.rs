@@ -191,7 +191,11 @@ async fn run_session(
                         ctl.metrics.events_suppressed.inc_by(ev.suppressed);
                         if let Some(a) = &ctl.audit {
                             a.flows(&host, &ev);
+                            a.alerts(&host, &ev.alerts);
                         }
+                    }
+                    Some(pb::agent_message::Kind::Report(r)) => {
+                        ctl.host_report(&host, r);
                     }
                     None => {}
                 }
@@ -276,6 +280,13 @@ fn on_ack(ctl: &Controller, host: &str, ack: &pb::Ack, sent_at: &Option<(String,
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    async fn evidence(
+        &self,
+        req: Request<pb::EvidenceRequest>,
+    ) -> Result<Response<pb::EvidenceReply>, Status> {
+        crate::evidence::evidence_rpc(self.0.clone(), req).await
+    }
+
     async fn status(
         &self,
         req: Request<pb::StatusRequest>,

@@ -25,7 +25,7 @@ pub fn bin_path(name: &str) -> Result<PathBuf> {
     let p = dir.join(name);
     if !p.exists() {
         bail!(
-            "{} not built; run `cargo build -p bulkhead-agent -p bulkhead-controller` first",
+            "{} not built; run `cargo build -p bulkhead-agent -p bulkhead-controller -p bulkhead-cli` first",
             p.display()
         );
     }
@@ -200,7 +200,16 @@ impl TestPki {
         Ok(d)
     }
 
+    /// An administrator certificate; the account's role is registered in the PKI directory's
+    /// role registry, as `bulkhead-controller pki admin` does (a second role is refused).
     pub fn admin(&self, user: &str, role: &str) -> Result<Pem> {
+        let registry = self.dir.join("roles.json");
+        let mut roles = bulkhead_audit::roles::RoleAssignments::load(&registry)?;
+        let r = bulkhead_audit::roles::Role::parse(role).context("unknown role")?;
+        roles
+            .assign(user, r)
+            .map_err(|e| anyhow::anyhow!("{user}: {e}"))?;
+        roles.save(&registry)?;
         Ok(pki::issue(
             &self.ca,
             &Subject::Admin {
@@ -224,6 +233,8 @@ pub struct Host {
     pub metrics_port: u16,
     /// VM name → labels, for the inventory file.
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// VMs in the inventory whose tap device does not exist (name, device, MAC, address).
+    pub phantoms: Vec<(String, String, String, String)>,
 }
 
 #[derive(serde::Serialize)]
@@ -259,6 +270,7 @@ impl Host {
             inventory: dir.join("inventory.yaml"),
             metrics_port: free_port()?,
             labels: BTreeMap::new(),
+            phantoms: Vec::new(),
         })
     }
 
@@ -280,6 +292,28 @@ impl Host {
         Ok(vm)
     }
 
+    /// Put a VM into the inventory whose tap device does not exist on this host (defined but
+    /// not plugged in): its interface cannot be enforced.
+    pub fn add_phantom_vm(
+        &mut self,
+        name: &str,
+        device: &str,
+        mac: &str,
+        ip: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<()> {
+        self.labels.insert(
+            name.into(),
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        self.phantoms
+            .push((name.into(), device.into(), mac.into(), ip.into()));
+        self.write_inventory()
+    }
+
     /// Forget a VM (it migrated away): its interface leaves this host's inventory.
     pub fn remove_vm_from_inventory(&mut self, name: &str) -> Result<()> {
         self.labels.remove(name);
@@ -287,7 +321,7 @@ impl Host {
     }
 
     pub fn write_inventory(&self) -> Result<()> {
-        let vms = self
+        let mut vms: Vec<InvVm> = self
             .lab
             .vms
             .iter()
@@ -303,6 +337,16 @@ impl Host {
                 }],
             })
             .collect();
+        vms.extend(self.phantoms.iter().map(|(name, device, mac, ip)| InvVm {
+            name: name.clone(),
+            uuid: format!("00000000-0000-4000-9000-{:012x}", vms_len_hash(name)),
+            labels: self.labels.get(name).cloned().unwrap_or_default(),
+            interfaces: vec![InvIface {
+                device: device.clone(),
+                mac: mac.clone(),
+                addresses: vec![ip.clone()],
+            }],
+        }));
         let text = serde_yaml::to_string(&InvFile { vms })?;
         let tmp = self.inventory.with_extension("tmp");
         std::fs::write(&tmp, text)?;
@@ -347,6 +391,12 @@ impl Host {
     pub fn metrics(&self) -> Result<String> {
         http_get(self.metrics_port, "/metrics")
     }
+}
+
+fn vms_len_hash(name: &str) -> u64 {
+    name.bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+        & 0xffff_ffff_ffff
 }
 
 /// A minimal HTTP GET on loopback (for `/metrics`).
@@ -448,6 +498,46 @@ pub async fn status(port: u16, ca: &Pem, admin: &Pem) -> Result<pb::StatusReply>
     .await?;
     let mut c = pb::admin_client::AdminClient::new(ch);
     Ok(c.status(pb::StatusRequest {}).await?.into_inner())
+}
+
+/// The controller's live compliance evidence (`Admin.Evidence`), with an administrator
+/// certificate (only the audit administrator's is accepted).
+pub async fn evidence(
+    port: u16,
+    ca: &Pem,
+    admin: &Pem,
+    include_store: bool,
+) -> Result<bulkhead_audit::report::Evidence, tonic::Status> {
+    let ch = bulkhead_wire::connect(
+        &format!("https://127.0.0.1:{port}"),
+        "localhost",
+        &ca.cert,
+        &admin.cert,
+        &admin.key,
+    )
+    .await
+    .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+    let mut c = pb::admin_client::AdminClient::new(ch);
+    let json = c
+        .evidence(pb::EvidenceRequest { include_store })
+        .await?
+        .into_inner()
+        .evidence_json;
+    serde_json::from_str(&json).map_err(|e| tonic::Status::internal(e.to_string()))
+}
+
+/// Blocking wrapper around [`evidence`].
+pub fn evidence_blocking(
+    port: u16,
+    ca: &Pem,
+    admin: &Pem,
+    include_store: bool,
+) -> Result<bulkhead_audit::report::Evidence, tonic::Status> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .block_on(evidence(port, ca, admin, include_store))
 }
 
 /// Blocking wrapper around [`status`].
