@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 CRATES=(-p bulkhead-abi -p bulkhead-datapath -p bulkhead-testbed -p bulkhead-wire
   -p bulkhead-policy -p bulkhead-cli -p bulkhead-agent -p bulkhead-controller -p bulkhead-e2e -p bulkhead-audit -p xtask)
-cargo fmt "${CRATES[@]}" -- --check
+cargo fmt "${CRATES[@]}" -p bulkhead-ebpf -- --check
 cargo clippy "${CRATES[@]}" --all-targets -- -D warnings
 # The end-to-end tests run the real binaries.
 cargo build -p bulkhead-agent -p bulkhead-controller -p bulkhead-cli

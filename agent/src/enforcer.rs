@@ -193,7 +193,6 @@ impl Enforcer {
     /// Evidence for the controller: every VM interface's enforcement state, per-rule hit
     /// counters (over revisions), the bootstrap posture and this host's clock state.
     pub fn host_report(&mut self) -> Result<pb::HostReport> {
-        let boot_offset = bulkhead_audit::flow::boot_offset_ns();
         let rules = self
             .tables
             .rule_counters()
@@ -203,11 +202,7 @@ impl Enforcer {
                 rule,
                 packets: c.packets,
                 bytes: c.bytes,
-                last_hit_unix_nanos: if c.last_hit_ns == 0 {
-                    0
-                } else {
-                    (i128::from(c.last_hit_ns) + boot_offset) as i64
-                },
+                last_hit_unix_nanos: c.last_hit_unix_nanos().unwrap_or(0) as i64,
             })
             .collect();
         let bound = self.last_report.as_ref().map(|r| &r.slots);

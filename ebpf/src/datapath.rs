@@ -519,9 +519,7 @@ fn is_infrastructure(c: &Cx, p: &Pkt) -> bool {
     }
     match p.icmp_type {
         133..=137 => p.hop_limit == 255,
-        130..=132 | 143 => {
-            p.hop_limit == 1 && (is_link_local(&p.src) || is_unspecified(&p.src))
-        }
+        130..=132 | 143 => p.hop_limit == 1 && (is_link_local(&p.src) || is_unspecified(&p.src)),
         _ => false,
     }
 }

@@ -27,14 +27,14 @@ use aya_ebpf::{
     programs::TcContext,
     EbpfContext,
 };
-use core::ffi::c_void;
 use bulkhead_abi::*;
+use core::ffi::c_void;
 
 use crate::{
     maps::{stat, SCRATCH_ICMP},
     parse::{
-        EthHdr, Pkt, ETH_HLEN, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN,
-        TCP_RST, TCP_SYN,
+        EthHdr, Pkt, ETH_HLEN, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST,
+        TCP_SYN,
     },
 };
 
@@ -152,7 +152,10 @@ fn load_into<const N: usize>(ctx: &TcContext, off: u32, dst: &mut [u8; N]) -> Re
 /// the other header words; 32768 is the inverse of 2 modulo 0xffff.
 #[inline(always)]
 fn completion_fixed_point(hdr: &[u8; 8]) -> u16 {
-    let x = fold(sum_words(0, &[hdr[0], hdr[1], hdr[2], hdr[3], hdr[4], hdr[5]]));
+    let x = fold(sum_words(
+        0,
+        &[hdr[0], hdr[1], hdr[2], hdr[3], hdr[4], hdr[5]],
+    ));
     let f = ((0xffff - x) * 32768) % 0xffff;
     // Zero is written back as 0xffff (a computed zero checksum is sent as all ones).
     if f == 0 {
@@ -197,7 +200,10 @@ fn unreachable_v4(ctx: &TcContext, eth: &EthHdr, p: &Pkt, s: &mut IcmpScratch) -
     ip[10] = (c >> 8) as u8;
     ip[11] = c as u8;
     s.icmp.copy_from_slice(&[3, 13, 0, 0, 0, 0, 0, 0]);
-    let c = !fold(sum_words(sum_words(sum_words(0, &s.icmp), &s.orig4), &s.quote));
+    let c = !fold(sum_words(
+        sum_words(sum_words(0, &s.icmp), &s.orig4),
+        &s.quote,
+    ));
     s.icmp[2] = (c >> 8) as u8;
     s.icmp[3] = c as u8;
     write_headers(ctx, eth, &mut s.eth, &s.ip4, &s.icmp, p, &s.quote)
@@ -214,7 +220,10 @@ fn unreachable_v6(ctx: &TcContext, eth: &EthHdr, p: &Pkt, s: &mut IcmpScratch) -
     s.icmp.copy_from_slice(&[1, 1, 0, 0, 0, 0, 0, 0]);
     // Pseudo-header: both addresses, the upper-layer length and next header.
     let pseudo = sum_words(sum_words(0, &p.dst), &p.src) + u32::from(payload) + 58;
-    let c = !fold(sum_words(sum_words(sum_words(pseudo, &s.icmp), &s.orig6), &s.quote));
+    let c = !fold(sum_words(
+        sum_words(sum_words(pseudo, &s.icmp), &s.orig6),
+        &s.quote,
+    ));
     s.icmp[2] = (c >> 8) as u8;
     s.icmp[3] = c as u8;
     write_headers(ctx, eth, &mut s.eth, &s.ip6, &s.icmp, p, &s.quote)
