@@ -225,6 +225,8 @@ impl Enforcer {
         Ok(pb::HostReport {
             rules,
             interfaces,
+            conntrack_entries: self.tables.conntrack_entries() as u64,
+            conntrack_capacity: u64::from(bulkhead_abi::CT_ENTRIES),
             bootstrap_posture: if self.bootstrap == bulkhead_abi::BOOTSTRAP_ALLOW {
                 "allow".into()
             } else {

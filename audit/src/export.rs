@@ -184,7 +184,8 @@ pub const CSV_COLUMNS: [&str; 31] = [
     "detail",
 ];
 
-fn csv_field(out: &mut String, v: &str) {
+/// Append `v` as one CSV field (RFC 4180 quoting).
+pub fn csv_field(out: &mut String, v: &str) {
     if v.contains([',', '"', '\n', '\r']) {
         out.push('"');
         out.push_str(&v.replace('"', "\"\""));

@@ -134,6 +134,19 @@ enum PolicyCmd {
         #[arg(long)]
         dump: Option<PathBuf>,
     },
+    /// Export every rule with source and destination addresses, protocol and ports, in
+    /// evaluation order (system endpoints, quarantines, tiers by priority, then the default)
+    /// — the rule table an assessor asks for (MLPS 8.1.3.2 c).
+    ///
+    ///   bulkhead policy rules -p policies --csv > rules.csv
+    ///   bulkhead -o json policy rules -p policies
+    Rules {
+        #[command(flatten)]
+        input: Input,
+        /// CSV with a header row instead of the text table.
+        #[arg(long)]
+        csv: bool,
+    },
     /// Show which VM-to-VM verdicts change between two git revisions of the policy repo
     /// (like `terraform plan`).
     ///
@@ -404,6 +417,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        PolicyCmd::Rules { input, csv } => {
+            let Some((_, res)) = load(input, out)? else {
+                return Ok(ExitCode::from(1));
+            };
+            let rows = bulkhead_policy::export::rule_rows(&res);
+            if out == Output::Json {
+                print_json(&json!({"rules": rows}));
+            } else if *csv {
+                let mut text = bulkhead_policy::export::COLUMNS.join(",");
+                text.push('\n');
+                for r in &rows {
+                    for (i, f) in r.fields().iter().enumerate() {
+                        if i > 0 {
+                            text.push(',');
+                        }
+                        bulkhead_audit::export::csv_field(&mut text, f);
+                    }
+                    text.push('\n');
+                }
+                print!("{text}");
+            } else {
+                for r in &rows {
+                    println!(
+                        "{:<28} {:<11} {:<7} {:<7} {} -> {} [{}]{}",
+                        r.rule,
+                        r.tier,
+                        r.direction,
+                        r.action,
+                        r.source,
+                        r.destination,
+                        r.services,
+                        if r.mode == "monitor" {
+                            " (monitor)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                println!("{} rule row(s)", rows.len());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         PolicyCmd::Compile { input, host, dump } => {
             let Some((_, res)) = load(input, out)? else {

@@ -228,6 +228,46 @@ fn compile_summary_and_dump() {
     assert_eq!(stdout(&o2).lines().next(), s.lines().next());
 }
 
+#[test]
+fn rules_export_names_addresses_protocols_and_ports() {
+    let dir = example_dir();
+    let p = dir.to_str().unwrap();
+    let o = run(&["policy", "rules", "-p", p, "--csv"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    let mut lines = s.lines();
+    assert_eq!(
+        lines.next(),
+        Some("rule,tier,priority,policy,direction,action,mode,log,source,destination,services,defined_at")
+    );
+    let rows: Vec<&str> = lines.collect();
+    // Evaluation order: system endpoints first, the default action last.
+    assert!(
+        rows[0].starts_with("system:controller,system,"),
+        "{}",
+        rows[0]
+    );
+    assert!(rows.last().unwrap().starts_with("default,default,"), "{s}");
+    // An ingress rule: peers are the source, the protected VMs (with addresses) the
+    // destination; ports and the defining file:line are named.
+    let jump = rows
+        .iter()
+        .find(|r| r.starts_with("sec-jump-from-admins,"))
+        .expect("rule row");
+    assert!(jump.contains(",ingress,allow,"), "{jump}");
+    assert!(
+        jump.contains("172.16.50.0/24 except 172.16.50.0/28"),
+        "{jump}"
+    );
+    assert!(jump.contains("jump-1 (10.10.9.21"), "{jump}");
+    assert!(jump.contains("tcp/22 tcp/3389"), "{jump}");
+    assert!(jump.contains(".yaml:"), "{jump}");
+    // JSON carries the same rows.
+    let o = run(&["-o", "json", "policy", "rules", "-p", p]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["rules"].as_array().unwrap().len(), rows.len());
+}
+
 fn git(dir: &Path, args: &[&str]) {
     let o = Command::new("git")
         .arg("-C")

@@ -172,6 +172,10 @@ pub struct TreeAnalysis {
     /// Running VMs (name, host) that no policy applies to: only the default action (and
     /// system endpoints) judge their traffic.
     pub uncovered: Vec<(String, String)>,
+    /// Every rule with source, destination, protocol and ports (the assessors' rule table).
+    pub rule_rows: Vec<bulkhead_policy::export::RuleRow>,
+    /// Per named group with VMs: (group, VMs, rules applying to them: ingress, egress).
+    pub zones: Vec<(String, usize, usize, usize)>,
 }
 
 /// Load, compile and lint a commit's tree for the reported inventory.
@@ -204,7 +208,28 @@ pub fn analyse_tree(tree: &Path, vms: &[InventoryVm]) -> Result<TreeAnalysis, Ve
             }
         })
         .collect();
+    let zones = res
+        .groups
+        .iter()
+        .filter(|(_, vms, _)| !vms.is_empty())
+        .map(|(name, vms, _)| {
+            let applies = |dir| {
+                res.rules
+                    .iter()
+                    .filter(|r| r.dir == dir && r.applies.iter().any(|v| vms.contains(v)))
+                    .count()
+            };
+            (
+                name.clone(),
+                vms.len(),
+                applies(bulkhead_abi::DIR_INGRESS),
+                applies(bulkhead_abi::DIR_EGRESS),
+            )
+        })
+        .collect();
     Ok(TreeAnalysis {
+        rule_rows: bulkhead_policy::export::rule_rows(&res),
+        zones,
         default_action: format!("{:?}", res.default_action).to_lowercase(),
         monitor_vms: res
             .monitor_vms

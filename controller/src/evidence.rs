@@ -227,6 +227,29 @@ fn default_deny(a: &TreeAnalysis, commit: &str, hosts: &[HostView]) -> Vec<Scope
     out
 }
 
+/// Session-state control (8.1.3.2 d): every enforced interface tracks connections; the
+/// session tables' live sizes as the agents last reported them.
+fn stateful(hosts: &[HostView]) -> Option<String> {
+    let reports: Vec<String> = hosts
+        .iter()
+        .filter_map(|h| {
+            h.report.as_ref().map(|(_, r)| {
+                format!(
+                    "{}: {} of {} session entries",
+                    h.name, r.conntrack_entries, r.conntrack_capacity
+                )
+            })
+        })
+        .collect();
+    if reports.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "stateful connection tracking on every enforced interface: TCP through handshake, established and FIN/RST close, UDP and ICMP with timeouts; a packet outside an admitted session is judged as a new flow (default deny); a policy change re-judges open sessions. Session tables now: {}",
+        reports.join("; ")
+    ))
+}
+
 fn enforcement(hosts: &[HostView]) -> Vec<InterfaceStatus> {
     let mut out = Vec::new();
     for h in hosts {
@@ -327,6 +350,19 @@ impl Controller {
                     Ok(a) => {
                         ev.default_deny = Some(default_deny(&a, &rev.commit, &hosts));
                         ev.rule_analysis = Some(rule_analysis(&a, &hosts));
+                        ev.rule_export = Some(format!(
+                            "{} rule rows at commit {}, each with source and destination addresses, protocol and ports, in evaluation order: `bulkhead policy rules --csv` on that commit",
+                            a.rule_rows.len(),
+                            rev.commit
+                        ));
+                        ev.zones = Some(
+                            a.zones
+                                .iter()
+                                .map(|(g, vms, i, e)| {
+                                    format!("group {g}: {vms} VM(s), {i} ingress and {e} egress rule(s) apply")
+                                })
+                                .collect(),
+                        );
                     }
                     Err(errors) => tracing::warn!(
                         ?errors,
@@ -337,6 +373,7 @@ impl Controller {
             _ => tracing::info!("compliance evidence: no revision served yet"),
         }
         ev.enforcement = Some(enforcement(&hosts));
+        ev.stateful = stateful(&hosts);
         ev.policy_distribution = Some(
             hosts
                 .iter()

@@ -148,6 +148,8 @@ async fn evidence_from_the_served_revision_agent_reports_and_the_store() {
             },
         ],
         bootstrap_posture: "deny".into(),
+        conntrack_entries: 17,
+        conntrack_capacity: 262_144,
         clock: Some(pb::ClockState {
             synced: true,
             offset_us: 12,
@@ -259,6 +261,25 @@ async fn evidence_from_the_served_revision_agent_reports_and_the_store() {
     assert!(!pd[0].in_sync, "nothing acknowledged yet");
     assert_eq!(ev.time_sync.as_ref().map(Vec::len), Some(2));
     assert!(ev.roles.is_none(), "no role registry configured");
+    // Rule table, session state and zones (8.1.3.2 c, d; cloud ABS2-01/02).
+    let export = ev.rule_export.as_deref().expect("rule export");
+    assert!(
+        export.contains(&head) && export.contains("bulkhead policy rules"),
+        "{export}"
+    );
+    let st = ev.stateful.as_deref().expect("session state");
+    assert!(st.contains("kvm-01: 17 of 262144 session entries"), "{st}");
+    let zones = ev.zones.as_ref().expect("zones");
+    assert!(zones.iter().any(|z| z.starts_with("group ")), "{zones:?}");
+    let r = bulkhead_audit::report::build(&ev);
+    for id in ["8.1.3.2 c", "8.1.3.2 d", "cloud ABS2-01/02"] {
+        let item = r.items.iter().find(|i| i.control == id).expect("item");
+        assert_eq!(
+            item.status,
+            bulkhead_audit::report::Status::Met,
+            "{id}: {item:?}"
+        );
+    }
 
     // The store part: verified live, and the unenforced interface was audited once.
     let integrity = ev.integrity.as_ref().expect("integrity");

@@ -3,6 +3,7 @@
 //! ([`eval`]), the linter ([`lint`]) and plan/diff ([`plan`]).
 pub mod compile;
 pub mod eval;
+pub mod export;
 pub mod incremental;
 pub mod lint;
 pub mod load;

@@ -94,7 +94,11 @@ fn compliance_evidence_from_the_live_controller_roles_and_a_scan_alert() {
     assert_eq!(clocks.len(), 3, "{clocks:?}");
     assert_eq!(ev.retention.as_ref().map(|r| r.retention_days), Some(184));
 
+    let st = ev.stateful.as_deref().expect("session state");
+    assert!(st.contains("hv1: ") && st.contains("hv2: "), "{st}");
     let r = build(&ev);
+    assert_eq!(item_status(&r, "8.1.3.2 c"), Status::Met, "rule export");
+    assert_eq!(item_status(&r, "8.1.3.2 d"), Status::Met, "session state");
     assert_eq!(item_status(&r, "8.1.3.1 a"), Status::Met);
     assert_eq!(item_status(&r, "8.1.3.2 a"), Status::Met);
     assert_eq!(
