@@ -193,6 +193,15 @@ pub enum Event {
         host: String,
         reason: String,
     },
+    /// A VM now runs on another host (live migration, restart elsewhere); its policy is
+    /// compiled for the new host from the same revision (cloud CES2-02/03).
+    VmMoved {
+        vm: String,
+        from: String,
+        to: String,
+        /// The revision served to the new host.
+        commit: String,
+    },
     /// A VM interface that is not enforced in the datapath.
     InterfaceUnenforced {
         vm: String,
@@ -251,6 +260,7 @@ impl Event {
             Event::AgentDisconnected { .. } => "agent_disconnected",
             Event::AgentCertFailure { .. } => "agent_cert_failure",
             Event::VmUncovered { .. } => "vm_uncovered",
+            Event::VmMoved { .. } => "vm_moved",
             Event::InterfaceUnenforced { .. } => "interface_unenforced",
             Event::FlowVerdict(_) => "flow_verdict",
             Event::Alert(_) => "alert",
@@ -274,7 +284,9 @@ impl Event {
             Event::AgentCertFailure {
                 peer, cert_subject, ..
             } => cert_subject.clone().unwrap_or_else(|| peer.clone()),
-            Event::VmUncovered { vm, .. } | Event::InterfaceUnenforced { vm, .. } => vm.clone(),
+            Event::VmUncovered { vm, .. }
+            | Event::InterfaceUnenforced { vm, .. }
+            | Event::VmMoved { vm, .. } => vm.clone(),
             Event::FlowVerdict(f) => f.vm.clone(),
             Event::Alert(a) => a.source_vm.clone().unwrap_or_else(|| a.source_ip.clone()),
             Event::EventsDropped { source, .. } => source.clone(),
@@ -328,7 +340,9 @@ impl Event {
                 v
             }
             Event::Alert(a) => a.source_vm.as_deref().into_iter().collect(),
-            Event::VmUncovered { vm, .. } | Event::InterfaceUnenforced { vm, .. } => vec![vm],
+            Event::VmUncovered { vm, .. }
+            | Event::InterfaceUnenforced { vm, .. }
+            | Event::VmMoved { vm, .. } => vec![vm],
             Event::AdminAction { object, .. } => vec![object.as_str()],
             _ => vec![],
         }
@@ -343,7 +357,8 @@ impl Event {
             | Event::AgentConnected { host, .. }
             | Event::AgentDisconnected { host, .. }
             | Event::VmUncovered { host, .. }
-            | Event::InterfaceUnenforced { host, .. } => Some(host),
+            | Event::InterfaceUnenforced { host, .. }
+            | Event::VmMoved { to: host, .. } => Some(host),
             _ => None,
         }
     }

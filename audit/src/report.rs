@@ -170,6 +170,7 @@ impl Evidence {
         };
         let mut cov = AuditCoverage::default();
         let mut alerts: Vec<AlertRecord> = Vec::new();
+        let (mut moves, mut last_move) = (0u64, None);
         for_each_record(dir, 0, |r, _| {
             if ret.oldest_record.is_none() {
                 ret.oldest_record = Some(r.ts.clone());
@@ -202,6 +203,20 @@ impl Evidence {
                 Event::PolicyRevision { .. } => cov.policy_revisions += 1,
                 Event::VmUncovered { .. } => cov.uncovered_vm_records += 1,
                 Event::InterfaceUnenforced { .. } => cov.unenforced_interface_records += 1,
+                Event::VmMoved {
+                    vm,
+                    from,
+                    to,
+                    commit,
+                } => {
+                    moves += 1;
+                    last_move = Some(format!(
+                        "latest: {vm} from {from} to {to} at {} (record {}), its policy compiled for {to} from revision {}",
+                        r.ts,
+                        r.seq,
+                        commit.get(..12).unwrap_or(commit)
+                    ));
+                }
                 Event::EventsDropped { count, .. } => cov.events_dropped_accounted += count,
                 Event::Alert(a) => {
                     alerts.push(a.clone());
@@ -214,6 +229,11 @@ impl Evidence {
             Ok(true)
         })?;
         ev.retention = Some(ret);
+        if let Some(last) = last_move {
+            ev.migration = Some(format!(
+                "{moves} VM move(s) between hosts recorded; policy follows the VM's identity and labels, never a host — {last}"
+            ));
+        }
         // This host's clock; the controller replaces it with every host's state.
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())

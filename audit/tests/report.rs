@@ -54,6 +54,8 @@ fn every_control_item_is_reported_and_gaps_are_plain() {
     // Integrity fine but no forwarding: partial.
     assert_eq!(get("8.1.3.5 c").status, Status::Partial);
     assert_eq!(get("8.1.3.2 e").status, Status::OutOfScope);
+    // No move recorded yet: the migration item says so.
+    assert_eq!(get("cloud CES2-02/03").status, Status::NoEvidence);
 
     // With controller evidence.
     let mut ev = ev;
@@ -94,4 +96,32 @@ fn every_control_item_is_reported_and_gaps_are_plain() {
     let c = r.items.iter().find(|i| i.control == "8.1.3.5 c").unwrap();
     assert_eq!(c.status, Status::NotMet);
     assert!(c.gaps.iter().any(|g| g.contains("INTEGRITY")));
+}
+
+#[test]
+fn a_recorded_vm_move_is_the_migration_evidence() {
+    use bulkhead_audit::record::Event;
+    let d = tempfile::tempdir().unwrap();
+    let (mut s, _) = Store::open(cfg(d.path())).unwrap();
+    s.append(Event::VmMoved {
+        vm: "emr-db".into(),
+        from: "hv2".into(),
+        to: "hv1".into(),
+        commit: "0123456789abcdef".into(),
+    })
+    .unwrap();
+    s.close().unwrap();
+    let ev = Evidence::from_store(d.path(), 184, 10).unwrap();
+    let m = ev.migration.as_deref().expect("migration evidence");
+    assert!(
+        m.starts_with("1 VM move(s)") && m.contains("emr-db from hv2 to hv1"),
+        "{m}"
+    );
+    let r = build(&ev);
+    let item = r
+        .items
+        .iter()
+        .find(|i| i.control == "cloud CES2-02/03")
+        .unwrap();
+    assert_eq!(item.status, Status::Met);
 }

@@ -454,6 +454,9 @@ impl Controller {
         }
         let mut serving = self.serving_tx.subscribe();
         let mut known: BTreeSet<(String, String)> = BTreeSet::new();
+        // Where each VM ran at the last served output (kept while it is away, so a VM that
+        // stops on one host and starts on another counts as moved).
+        let mut placed: BTreeMap<String, String> = BTreeMap::new();
         loop {
             if serving.changed().await.is_err() {
                 return;
@@ -463,15 +466,30 @@ impl Controller {
             serving.borrow_and_update();
             let me = self.clone();
             let analysis = tokio::task::spawn_blocking(move || {
-                let (_, tree) = me.good_tree()?;
+                let (rev, tree) = me.good_tree()?;
                 let vms = me.inventory_vms();
                 let a = crate::compile::analyse_tree(&tree, &vms).ok()?;
-                Some((a, vms))
+                Some((a, vms, rev.commit))
             })
             .await;
-            let Ok(Some((a, vms))) = analysis else {
+            let Ok(Some((a, vms, commit))) = analysis else {
                 continue;
             };
+            let moves: Vec<Event> = vms
+                .iter()
+                .filter_map(|v| {
+                    let from = placed.insert(v.vm.name.clone(), v.host.clone())?;
+                    (from != v.host).then(|| Event::VmMoved {
+                        vm: v.vm.name.clone(),
+                        from,
+                        to: v.host.clone(),
+                        commit: commit.clone(),
+                    })
+                })
+                .collect();
+            if let (Some(au), false) = (&self.audit, moves.is_empty()) {
+                au.submit(moves);
+            }
             if let Some(au) = &self.audit {
                 au.set_flow_names(crate::audit::FlowNames {
                     rules: a

@@ -166,4 +166,16 @@ fn a_vm_moved_to_another_host_keeps_its_verdicts() {
     );
     assert!(!c.reach("pacs-1", "emr-db", 5432), "denied after the move");
     assert!(!c.reach("emr-app", "emr-db", 22), "denied after the move");
+    // The move is on the audit trail (MLPS cloud extension: policy migrates with the VM).
+    let moved = |r: &bulkhead_audit::Record| {
+        matches!(&r.detail, bulkhead_audit::record::Event::VmMoved { vm, from, to, .. }
+            if vm == "emr-db" && from == "hv2" && to == "hv1")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            bulkhead_e2e::audit_records(c.root.path()).is_ok_and(|rs| rs.iter().any(moved))
+        }),
+        "vm_moved recorded: {}",
+        c.logs()
+    );
 }
