@@ -23,6 +23,7 @@ enum Msg {
     Events(Vec<Event>, Option<Reply>),
     Checkpoint(Reply),
     Retention(mpsc::Sender<std::result::Result<Vec<String>, String>>),
+    SetRetention(u32, mpsc::Sender<std::result::Result<u32, String>>),
     /// Acknowledge once everything before is durable, then write nothing until the
     /// guard's sender is dropped.
     Pause(mpsc::Sender<()>, Receiver<()>),
@@ -139,6 +140,18 @@ impl Recorder {
             .map_err(Error::Forward)
     }
 
+    /// Change the retention period in the writer (refused below the legal floor; the change
+    /// is recorded). Returns the previous period.
+    pub fn set_retention_days(&self, days: u32) -> Result<u32> {
+        let (rtx, rrx) = mpsc::channel();
+        self.tx
+            .send(Msg::SetRetention(days, rtx))
+            .map_err(|_| Error::Stopped)?;
+        rrx.recv()
+            .map_err(|_| Error::Stopped)?
+            .map_err(Error::Forward)
+    }
+
     /// Make everything queued so far durable and checkpointed, then hold the writer until
     /// the guard is dropped: the store's files stay still, so a reader (a live `verify`, the
     /// compliance report) sees no half-written tail. Flow records offered meanwhile queue up
@@ -191,6 +204,7 @@ fn writer(
         let mut stop = false;
         let mut ckpt: Vec<Reply> = Vec::new();
         let mut retention = Vec::new();
+        let mut set_retention = Vec::new();
         let mut pauses = Vec::new();
         let mut msg = Some(first);
         while let Some(m) = msg.take() {
@@ -207,6 +221,7 @@ fn writer(
                 }
                 Msg::Checkpoint(r) => ckpt.push(r),
                 Msg::Retention(r) => retention.push(r),
+                Msg::SetRetention(days, r) => set_retention.push((days, r)),
                 Msg::Pause(ack, resume) => {
                     pauses.push((ack, resume));
                     // Nothing queued after the pause may be written before it.
@@ -255,6 +270,9 @@ fn writer(
                     let _ = r.send(Err(e.to_string()));
                 }
             }
+        }
+        for (days, r) in set_retention {
+            let _ = r.send(store.set_retention_days(days).map_err(|e| e.to_string()));
         }
         for r in retention {
             let _ = r.send(store.enforce_retention().map_err(|e| e.to_string()));

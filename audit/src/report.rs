@@ -663,7 +663,7 @@ pub fn build(ev: &Evidence) -> Report {
     match &ev.coverage {
         None => i = no_evidence(i, "refused attempts in the audit log"),
         Some(c) => {
-            i.evidence.push("operation audit_configure requires the audit-admin role; every refusal is an admin_action record with outcome failure".into());
+            i.evidence.push("auditing has no stop switch; its one setting (retention, `bulkhead compliance retention`) is operation audit_configure, audit-admin only; every attempt is an admin_action record (refusals with outcome failure, changes with before and after)".into());
             i.evidence.push(format!("{} refused audit-configuration attempts, {} refused administrator actions in total", c.refused_audit_config, c.refused_admin_actions));
             i.status = if c.refused_audit_config > 0 {
                 Status::Met
@@ -671,7 +671,7 @@ pub fn build(ev: &Evidence) -> Report {
                 Status::Partial
             };
             if c.refused_audit_config == 0 {
-                i.gaps.push("no refused attempt on record yet to show the assessor (try one as a system administrator)".into());
+                i.gaps.push("no refused attempt on record yet to show the assessor (try `bulkhead compliance retention --days 200` as a system or security administrator)".into());
             }
         }
     }

@@ -842,6 +842,24 @@ impl Store {
         Ok(())
     }
 
+    /// Change the retention period (the audit administrator's setting); below the legal floor
+    /// is refused. Returns the previous period. The change itself is an `audit_service`
+    /// record.
+    pub fn set_retention_days(&mut self, days: u32) -> Result<u32> {
+        let mut cfg = self.cfg.clone();
+        cfg.retention_days = days;
+        cfg.validate()?;
+        let before = self.cfg.retention_days;
+        if before != days {
+            self.append(Event::AuditService {
+                action: "retention_changed".into(),
+                detail: format!("retention {before} -> {days} days"),
+            })?;
+            self.cfg.retention_days = days;
+        }
+        Ok(before)
+    }
+
     /// Remove closed segments whose newest record is older than the retention period.
     /// A `retention_purged` record is appended (durably) before each file is removed.
     /// Returns the purged segment names.

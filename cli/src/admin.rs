@@ -7,8 +7,9 @@ use bulkhead_wire::pb;
 use clap::Args;
 use serde_json::json;
 
+/// How to reach the controller's admin API, and as whom.
 #[derive(Args)]
-pub struct StatusArgs {
+pub struct Connection {
     /// Controller admin/gRPC address.
     #[arg(
         long,
@@ -22,9 +23,54 @@ pub struct StatusArgs {
     /// Directory with ca.crt and USER.crt / USER.key (`bulkhead-controller pki admin USER`).
     #[arg(long, env = "BULKHEAD_PKI", default_value = ".")]
     pub pki: PathBuf,
-    /// Administrator whose certificate to use (system-admin or security-admin role).
+    /// Administrator whose certificate to use.
     #[arg(long, env = "BULKHEAD_USER")]
     pub user: String,
+}
+
+impl Connection {
+    /// Run `call` against the admin API over mutual TLS with the user's certificate.
+    pub fn call<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: FnOnce(pb::admin_client::AdminClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let read = |f: String| {
+            let p = self.pki.join(&f);
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+        };
+        let (ca, cert, key) = (
+            read("ca.crt".into())?,
+            read(format!("{}.crt", self.user))?,
+            read(format!("{}.key", self.user))?,
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let ch = bulkhead_wire::connect(&self.controller, &self.server_name, &ca, &cert, &key)
+                .await
+                .with_context(|| format!("connecting to {}", self.controller))?;
+            let reply = call(pb::admin_client::AdminClient::new(ch))
+                .await
+                .map_err(|s| {
+                    anyhow::anyhow!(
+                        "controller {}: {}: {}",
+                        self.controller,
+                        s.code(),
+                        s.message()
+                    )
+                })?;
+            Ok(reply.into_inner())
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// (system-admin or security-admin role)
+    #[command(flatten)]
+    pub conn: Connection,
 }
 
 fn short(s: &str) -> &str {
@@ -50,28 +96,8 @@ fn crate_now() -> i64 {
 }
 
 pub fn fetch(a: &StatusArgs) -> Result<pb::StatusReply> {
-    let read = |f: String| {
-        let p = a.pki.join(&f);
-        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
-    };
-    let (ca, cert, key) = (
-        read("ca.crt".into())?,
-        read(format!("{}.crt", a.user))?,
-        read(format!("{}.key", a.user))?,
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let ch = bulkhead_wire::connect(&a.controller, &a.server_name, &ca, &cert, &key)
-            .await
-            .with_context(|| format!("connecting to {}", a.controller))?;
-        let reply = pb::admin_client::AdminClient::new(ch)
-            .status(pb::StatusRequest {})
-            .await
-            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?;
-        Ok(reply.into_inner())
-    })
+    a.conn
+        .call(|mut c| async move { c.status(pb::StatusRequest {}).await })
 }
 
 pub fn to_json(s: &pb::StatusReply) -> serde_json::Value {
@@ -146,22 +172,9 @@ pub fn print_text(s: &pb::StatusReply) {
 /// `bulkhead compliance report`: the MLPS Level 3 report with the controller's live evidence.
 #[derive(Args)]
 pub struct ComplianceArgs {
-    /// Controller admin/gRPC address.
-    #[arg(
-        long,
-        env = "BULKHEAD_CONTROLLER",
-        default_value = "https://127.0.0.1:7443"
-    )]
-    pub controller: String,
-    /// Name the controller's certificate carries.
-    #[arg(long, default_value = "localhost")]
-    pub server_name: String,
-    /// Directory with ca.crt and USER.crt / USER.key (`bulkhead-controller pki admin USER`).
-    #[arg(long, env = "BULKHEAD_PKI", default_value = ".")]
-    pub pki: PathBuf,
-    /// Audit administrator whose certificate to use (audit-admin role).
-    #[arg(long, env = "BULKHEAD_USER")]
-    pub user: String,
+    /// (audit-admin role)
+    #[command(flatten)]
+    pub conn: Connection,
     /// A local copy of the audit store to verify and summarise here; by default the
     /// controller verifies and summarises its own store.
     #[arg(long)]
@@ -182,32 +195,31 @@ pub fn fetch_evidence(
     a: &ComplianceArgs,
     include_store: bool,
 ) -> Result<bulkhead_audit::report::Evidence> {
-    let read = |f: String| {
-        let p = a.pki.join(&f);
-        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
-    };
-    let (ca, cert, key) = (
-        read("ca.crt".into())?,
-        read(format!("{}.crt", a.user))?,
-        read(format!("{}.key", a.user))?,
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let json = rt.block_on(async {
-        let ch = bulkhead_wire::connect(&a.controller, &a.server_name, &ca, &cert, &key)
+    let reply = a
+        .conn
+        .call(|mut c| async move { c.evidence(pb::EvidenceRequest { include_store }).await })?;
+    serde_json::from_str(&reply.evidence_json)
+        .with_context(|| format!("evidence from the controller at {}", a.conn.controller))
+}
+
+/// `bulkhead compliance retention`: read or change the audit retention period.
+#[derive(Args)]
+pub struct RetentionArgs {
+    /// (audit-admin role)
+    #[command(flatten)]
+    pub conn: Connection,
+    /// New retention period in days (at least 184); without it the current one is shown.
+    #[arg(long)]
+    pub days: Option<u32>,
+}
+
+pub fn retention(a: &RetentionArgs) -> Result<u32> {
+    let retention_days = a.days.unwrap_or(0);
+    let reply = a.conn.call(|mut c| async move {
+        c.audit_settings(pb::AuditSettingsRequest { retention_days })
             .await
-            .with_context(|| format!("connecting to {}", a.controller))?;
-        let reply = pb::admin_client::AdminClient::new(ch)
-            .evidence(pb::EvidenceRequest { include_store })
-            .await
-            .map_err(|s| {
-                anyhow::anyhow!("controller {}: {}: {}", a.controller, s.code(), s.message())
-            })?;
-        anyhow::Ok(reply.into_inner().evidence_json)
     })?;
-    serde_json::from_str(&json)
-        .with_context(|| format!("evidence from the controller at {}", a.controller))
+    Ok(reply.retention_days)
 }
 
 /// Build the report: the controller's evidence, merged with a local store's when `--dir`

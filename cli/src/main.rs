@@ -62,6 +62,13 @@ enum ComplianceCmd {
     ///
     ///   bulkhead compliance report --pki ~/.bulkhead --user carol --out report.html
     Report(admin::ComplianceArgs),
+    /// Show or change how long the controller keeps the audit trail (at least 184 days; the
+    /// audit administrator's operation — a refusal for any other role is itself audited, as
+    /// is every change, with before and after). The setting survives controller restarts.
+    ///
+    ///   bulkhead compliance retention --pki ~/.bulkhead --user carol
+    ///   bulkhead compliance retention --pki ~/.bulkhead --user carol --days 365
+    Retention(admin::RetentionArgs),
 }
 
 #[derive(Args, Clone)]
@@ -349,6 +356,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Top::Compliance(ComplianceCmd::Report(a)) => {
             admin::run_compliance_report(&a)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Top::Compliance(ComplianceCmd::Retention(a)) => {
+            let days = admin::retention(&a)?;
+            if out == Output::Json {
+                print_json(&json!({ "retention_days": days }));
+            } else {
+                println!("audit retention: {days} days");
+            }
             return Ok(ExitCode::SUCCESS);
         }
         Top::Audit(cmd) => {

@@ -4,6 +4,8 @@
 //! from the agents.
 use std::path::Path;
 
+use anyhow::Context;
+
 use bulkhead_audit::record::{CompileResult, Event, FlowRecord};
 use bulkhead_audit::recorder::Recorder;
 use bulkhead_audit::roles::CertIdentity;
@@ -14,7 +16,12 @@ pub struct Audit {
     recorder: Recorder,
     dir: std::path::PathBuf,
     names: std::sync::RwLock<FlowNames>,
+    retention_days: std::sync::atomic::AtomicU32,
 }
+
+/// The audit administrator's settings, kept next to the store so that they outlive a restart
+/// (they override `--retention-days`).
+const SETTINGS_FILE: &str = "settings.json";
 
 /// What flow records are named with beyond what the agent sends: the tier and policy of each
 /// rule id of the served revision, and the VM owning each address of the live inventory.
@@ -59,6 +66,20 @@ impl Audit {
 
     /// Open with a retention period (at least 184 days: the store refuses less).
     pub fn open_with(dir: &Path, host: &str, retention_days: u32) -> anyhow::Result<Self> {
+        let settings = dir.join(SETTINGS_FILE);
+        let retention_days = match std::fs::read(&settings) {
+            Ok(b) => {
+                let v: serde_json::Value = serde_json::from_slice(&b)
+                    .with_context(|| format!("reading {}", settings.display()))?;
+                let days = v["retention_days"]
+                    .as_u64()
+                    .and_then(|d| u32::try_from(d).ok())
+                    .with_context(|| format!("{}: no retention_days", settings.display()))?;
+                tracing::info!(path = %settings.display(), days, "retention set by the audit administrator");
+                days
+            }
+            Err(_) => retention_days,
+        };
         let mut cfg = StoreConfig::new(dir, host);
         cfg.retention_days = retention_days;
         let (store, report) = Store::open(cfg)
@@ -68,7 +89,34 @@ impl Audit {
             recorder: Recorder::spawn(store, 4096, 1024),
             dir: dir.to_path_buf(),
             names: std::sync::RwLock::new(FlowNames::default()),
+            retention_days: std::sync::atomic::AtomicU32::new(retention_days),
         })
+    }
+
+    /// The retention period the store enforces now.
+    pub fn retention_days(&self) -> u32 {
+        self.retention_days
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Change the retention period (refused below 184 days); kept across restarts. Returns
+    /// the previous period.
+    pub fn set_retention_days(&self, days: u32) -> anyhow::Result<u32> {
+        let before = self
+            .recorder
+            .set_retention_days(days)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let path = self.dir.join(SETTINGS_FILE);
+        let tmp = self.dir.join(format!("{SETTINGS_FILE}.tmp"));
+        std::fs::write(
+            &tmp,
+            serde_json::json!({ "retention_days": days }).to_string(),
+        )
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))?;
+        self.retention_days
+            .store(days, std::sync::atomic::Ordering::Relaxed);
+        Ok(before)
     }
 
     /// Run the retention job now (in the writer; each removal is recorded first).

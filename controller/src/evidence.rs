@@ -331,7 +331,10 @@ impl Controller {
     /// The live evidence. `include_store` adds what the audit store shows (a live verify,
     /// retention, coverage, recent alerts). CPU and I/O heavy: call off the I/O threads.
     pub fn evidence(&self, include_store: bool) -> anyhow::Result<Evidence> {
-        let cfg = self.evidence_config.get().cloned().unwrap_or_default();
+        let mut cfg = self.evidence_config.get().cloned().unwrap_or_default();
+        if let Some(a) = &self.audit {
+            cfg.retention_days = a.retention_days();
+        }
         let mut ev = match (&self.audit, include_store) {
             (Some(a), true) => a.store_evidence(cfg.retention_days, 50)?,
             _ => Evidence::default(),
@@ -586,21 +589,8 @@ pub async fn evidence_rpc(
     ctl: Arc<Controller>,
     req: Request<pb::EvidenceRequest>,
 ) -> Result<Response<pb::EvidenceReply>, Status> {
-    let source = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-    let id = req
-        .peer_certs()
-        .and_then(|c| c.first().map(|c| crate::audit::cert_identity(c.as_ref())))
-        .unwrap_or_default();
     const OBJECT: &str = "compliance/evidence";
-    let principal = match authorize(&id, Operation::ComplianceReport, &source, OBJECT) {
-        Ok(p) => p,
-        Err(refused) => {
-            if let Some(a) = &ctl.audit {
-                a.record(refused.record);
-            }
-            return Err(Status::permission_denied(refused.refusal.to_string()));
-        }
-    };
+    let (principal, source) = authorized(&ctl, &req, Operation::ComplianceReport, OBJECT)?;
     let include_store = req.get_ref().include_store;
     let me = ctl.clone();
     let result = tokio::task::spawn_blocking(move || me.evidence(include_store))
@@ -622,5 +612,75 @@ pub async fn evidence_rpc(
     match result {
         Ok(evidence_json) => Ok(Response::new(pb::EvidenceReply { evidence_json })),
         Err(e) => Err(Status::internal(format!("{e:#}"))),
+    }
+}
+
+/// The caller's certificate identity, authorized for `op`; a refusal is audited and returned
+/// as `PermissionDenied`. Also returns the caller's address.
+fn authorized<T>(
+    ctl: &Controller,
+    req: &Request<T>,
+    op: Operation,
+    object: &str,
+) -> Result<(bulkhead_audit::roles::Principal, String), Status> {
+    let source = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+    let id = req
+        .peer_certs()
+        .and_then(|c| c.first().map(|c| crate::audit::cert_identity(c.as_ref())))
+        .unwrap_or_default();
+    match authorize(&id, op, &source, object) {
+        Ok(p) => Ok((p, source)),
+        Err(refused) => {
+            if let Some(a) = &ctl.audit {
+                a.record(refused.record);
+            }
+            Err(Status::permission_denied(refused.refusal.to_string()))
+        }
+    }
+}
+
+/// `Admin.AuditSettings`: the audit administrator reads or changes the retention period
+/// (operation `audit_configure`); every call, refused or not, is audited with before and after.
+pub async fn audit_settings_rpc(
+    ctl: Arc<Controller>,
+    req: Request<pb::AuditSettingsRequest>,
+) -> Result<Response<pb::AuditSettingsReply>, Status> {
+    const OBJECT: &str = "audit/retention_days";
+    let (principal, source) = authorized(&ctl, &req, Operation::AuditConfigure, OBJECT)?;
+    let Some(audit) = &ctl.audit else {
+        return Err(Status::failed_precondition(
+            "this controller keeps no audit trail (--audit-dir)",
+        ));
+    };
+    let days = req.get_ref().retention_days;
+    let before = audit.retention_days();
+    let result = if days == 0 {
+        Ok(before)
+    } else {
+        let me = ctl.clone();
+        tokio::task::spawn_blocking(move || {
+            me.audit
+                .as_ref()
+                .map_or(Ok(before), |a| a.set_retention_days(days))
+        })
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r)
+    };
+    let after = audit.retention_days();
+    audit.record(admin_event(
+        &principal,
+        &source,
+        Operation::AuditConfigure,
+        OBJECT,
+        Some(serde_json::json!(before)),
+        Some(serde_json::json!(after)),
+        result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")),
+    ));
+    match result {
+        Ok(_) => Ok(Response::new(pb::AuditSettingsReply {
+            retention_days: after,
+        })),
+        Err(e) => Err(Status::invalid_argument(format!("{e:#}"))),
     }
 }

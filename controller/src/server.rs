@@ -287,6 +287,13 @@ impl pb::admin_server::Admin for AdminService {
         crate::evidence::evidence_rpc(self.0.clone(), req).await
     }
 
+    async fn audit_settings(
+        &self,
+        req: Request<pb::AuditSettingsRequest>,
+    ) -> Result<Response<pb::AuditSettingsReply>, Status> {
+        crate::evidence::audit_settings_rpc(self.0.clone(), req).await
+    }
+
     async fn status(
         &self,
         req: Request<pb::StatusRequest>,

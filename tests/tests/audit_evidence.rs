@@ -162,6 +162,52 @@ fn compliance_evidence_from_the_live_controller_roles_and_a_scan_alert() {
     let dir = c.root.path().join("carol");
     bulkhead_wire::pki::write_pair(&dir, "carol", &auditor).expect("write cert");
     std::fs::write(dir.join("ca.crt"), &c.pki.ca.cert).expect("ca");
+
+    // Audit settings are the audit administrator's alone: a security admin's attempt is
+    // refused and audited; below the legal floor is refused; a change is audited with before
+    // and after.
+    let alice_dir = c.root.path().join("alice");
+    bulkhead_wire::pki::write_pair(&alice_dir, "alice", &c.admin).expect("write cert");
+    std::fs::write(alice_dir.join("ca.crt"), &c.pki.ca.cert).expect("ca");
+    let retention = |user: &str, pki: &std::path::Path, days: Option<&str>| {
+        let mut cmd = Command::new(bin_path("bulkhead").expect("bulkhead CLI built"));
+        cmd.args(["compliance", "retention", "--controller"])
+            .arg(format!("https://127.0.0.1:{port}"))
+            .arg("--pki")
+            .arg(pki)
+            .args(["--user", user]);
+        if let Some(d) = days {
+            cmd.args(["--days", d]);
+        }
+        cmd.output().expect("run bulkhead")
+    };
+    let o = retention("alice", &alice_dir, Some("30"));
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("PermissionDenied")
+            || String::from_utf8_lossy(&o.stderr).contains("permission"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = retention("carol", &dir, Some("30"));
+    assert!(!o.status.success(), "below 184 days refused");
+    let o = retention("carol", &dir, Some("365"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = retention("carol", &dir, None);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "audit retention: 365 days"
+    );
+    let records = audit_records(c.root.path()).expect("records");
+    let configure = |who: &str, ok: bool| {
+        records.iter().any(|r| {
+            matches!(&r.detail, Event::AdminAction { user, operation, success, .. }
+                if user == who && operation == "audit_configure" && *success == ok)
+        })
+    };
+    assert!(configure("alice", false) && configure("carol", false) && configure("carol", true));
+    assert!(records.iter().any(|r| matches!(&r.detail,
+        Event::AuditService { action, detail } if action == "retention_changed" && detail.contains("184 -> 365"))));
     let out = c.root.path().join("report.json");
     let o = Command::new(bin_path("bulkhead").expect("bulkhead CLI built"))
         .args(["compliance", "report", "--controller"])
@@ -196,6 +242,12 @@ fn compliance_evidence_from_the_live_controller_roles_and_a_scan_alert() {
     };
     assert_eq!(status("8.1.3.1 a"), "met");
     assert_eq!(status("8.1.3.2 a"), "met");
+    assert_eq!(
+        status("8.1.4.3 d"),
+        "met",
+        "a refused audit configuration is on record"
+    );
+    assert_eq!(report["evidence"]["retention"]["retention_days"], 365);
     assert_eq!(report["evidence"]["integrity"]["ok"], true, "{report:#}");
     assert!(
         report["evidence"]["recent_alerts"]
