@@ -23,6 +23,9 @@ pub enum Error {
     Tls(String),
     #[error("forwarding: {0}")]
     Forward(String),
+    /// The store refused what the recorder's writer thread asked of it.
+    #[error("{0}")]
+    Writer(String),
     #[error("the recorder queue is full; the event was counted as dropped")]
     QueueFull,
     #[error("the recorder has stopped")]

@@ -93,7 +93,7 @@ impl Recorder {
             .map_err(|_| Error::Stopped)?;
         rrx.recv()
             .map_err(|_| Error::Stopped)?
-            .map_err(Error::Forward)
+            .map_err(Error::Writer)
     }
 
     /// Queue one record without waiting. On a full queue it is counted as dropped.
@@ -125,7 +125,7 @@ impl Recorder {
         rrx.recv()
             .map_err(|_| Error::Stopped)?
             .map(|_| ())
-            .map_err(Error::Forward)
+            .map_err(Error::Writer)
     }
 
     /// Run the retention job in the writer (removes segments older than the retention period,
@@ -137,7 +137,7 @@ impl Recorder {
             .map_err(|_| Error::Stopped)?;
         rrx.recv()
             .map_err(|_| Error::Stopped)?
-            .map_err(Error::Forward)
+            .map_err(Error::Writer)
     }
 
     /// Change the retention period in the writer (refused below the legal floor; the change
@@ -149,7 +149,7 @@ impl Recorder {
             .map_err(|_| Error::Stopped)?;
         rrx.recv()
             .map_err(|_| Error::Stopped)?
-            .map_err(Error::Forward)
+            .map_err(Error::Writer)
     }
 
     /// Make everything queued so far durable and checkpointed, then hold the writer until
@@ -172,7 +172,7 @@ impl Recorder {
         match self.handle.take() {
             Some(h) => h
                 .join()
-                .map_err(|_| Error::Forward("audit writer panicked".into()))?,
+                .map_err(|_| Error::Writer("audit writer panicked".into()))?,
             None => Err(Error::Stopped),
         }
     }
