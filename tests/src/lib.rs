@@ -19,7 +19,8 @@ pub fn bin_path(name: &str) -> Result<PathBuf> {
     let mut dir = exe
         .parent()
         .context("test executable without a directory")?;
-    if dir.ends_with("deps") {
+    // Tests run from target/<profile>/deps, examples from target/<profile>/examples.
+    if dir.ends_with("deps") || dir.ends_with("examples") {
         dir = dir.parent().context("deps without a parent")?;
     }
     let p = dir.join(name);
