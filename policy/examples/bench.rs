@@ -290,4 +290,9 @@ fn main() {
         peak_rss_mb()
     );
     println!("policy entries total {entries}, max per host {pe}, max ipcache per host {ipc}");
+    // Lets runs of different compiler versions be compared byte for byte.
+    println!(
+        "revisions: full {} / after the change {}",
+        c.revision, c2.revision
+    );
 }
