@@ -83,13 +83,48 @@ pub fn compile(res: &Resolved) -> Compiled {
     }
 }
 
+/// What every host of one compile shares, computed once.
+pub(crate) struct Shared<'a> {
+    default: Verdict,
+    rule_ids: Vec<String>,
+    /// The rules section of [`canonical_bytes`]: identical on every host, so encoded once.
+    rules_enc: Vec<u8>,
+    /// Host → its VMs sorted by name.
+    by_host: HashMap<&'a str, Vec<usize>>,
+}
+
+impl<'a> Shared<'a> {
+    pub(crate) fn new(res: &'a Resolved) -> Shared<'a> {
+        let rule_ids = res.rule_ids();
+        let mut rules_enc = Vec::new();
+        encode_rules(&rule_ids, &mut rules_enc);
+        let mut by_host: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, vm) in res.vms.iter().enumerate() {
+            by_host.entry(vm.host.as_str()).or_default().push(i);
+        }
+        for v in by_host.values_mut() {
+            v.sort_by(|&a, &b| res.vms[a].name.cmp(&res.vms[b].name));
+        }
+        Shared {
+            default: default_verdict(res),
+            rule_ids,
+            rules_enc,
+            by_host,
+        }
+    }
+}
+
 /// Compile several hosts, in parallel on the available cores (hosts are independent).
 pub fn compile_hosts(res: &Resolved, hosts: &[String]) -> Vec<HostOutput> {
+    compile_hosts_in(res, hosts, &Shared::new(res))
+}
+
+pub(crate) fn compile_hosts_in(res: &Resolved, hosts: &[String], sh: &Shared) -> Vec<HostOutput> {
     let n = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(hosts.len().max(1));
     if n <= 1 || hosts.len() < 2 {
-        return hosts.iter().map(|h| compile_host(res, h)).collect();
+        return hosts.iter().map(|h| compile_host_in(res, h, sh)).collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let mut outs: Vec<Option<HostOutput>> = vec![None; hosts.len()];
@@ -103,7 +138,7 @@ pub fn compile_hosts(res: &Resolved, hosts: &[String]) -> Vec<HostOutput> {
                         if i >= hosts.len() {
                             break;
                         }
-                        mine.push((i, compile_host(res, &hosts[i])));
+                        mine.push((i, compile_host_in(res, &hosts[i], sh)));
                     }
                     mine
                 })
@@ -120,7 +155,7 @@ pub fn compile_hosts(res: &Resolved, hosts: &[String]) -> Vec<HostOutput> {
     hosts
         .iter()
         .zip(outs)
-        .map(|(h, o)| o.unwrap_or_else(|| compile_host(res, h)))
+        .map(|(h, o)| o.unwrap_or_else(|| compile_host_in(res, h, sh)))
         .collect()
 }
 
@@ -131,10 +166,26 @@ pub(crate) fn hex(b: &[u8]) -> String {
 /// Canonical byte encoding of a host's tables (the input of the revision hash).
 pub fn canonical_bytes(t: &HostTables) -> Vec<u8> {
     let mut b = Vec::new();
-    let s = |b: &mut Vec<u8>, x: &str| {
-        b.extend((x.len() as u32).to_le_bytes());
-        b.extend(x.as_bytes());
-    };
+    encode_head(t, &mut b);
+    encode_rules(&t.rules, &mut b);
+    b
+}
+
+fn encode_str(b: &mut Vec<u8>, x: &str) {
+    b.extend((x.len() as u32).to_le_bytes());
+    b.extend(x.as_bytes());
+}
+
+/// The rules section of the canonical encoding (last).
+fn encode_rules(rules: &[String], b: &mut Vec<u8>) {
+    b.extend((rules.len() as u32).to_le_bytes());
+    for r in rules {
+        encode_str(b, r);
+    }
+}
+
+/// Everything of the canonical encoding but the rules section.
+fn encode_head(t: &HostTables, b: &mut Vec<u8>) {
     let ip = |b: &mut Vec<u8>, a: &IpAddr| match a {
         IpAddr::V4(v) => {
             b.push(4);
@@ -145,20 +196,21 @@ pub fn canonical_bytes(t: &HostTables) -> Vec<u8> {
             b.extend(v.octets());
         }
     };
+    b.reserve(64 + t.policy.len() * 20 + t.ipcache.len() * 22);
     b.extend(b"bulkhead-tables-v1");
     b.extend((t.endpoints.len() as u32).to_le_bytes());
     for e in &t.endpoints {
-        s(&mut b, &e.id);
+        encode_str(b, &e.id);
         b.extend(e.mac);
         b.extend((e.addrs.len() as u32).to_le_bytes());
         for a in &e.addrs {
-            ip(&mut b, a);
+            ip(b, a);
         }
         b.extend(e.flags.to_le_bytes());
     }
     b.extend((t.ipcache.len() as u32).to_le_bytes());
     for e in &t.ipcache {
-        ip(&mut b, &e.addr);
+        ip(b, &e.addr);
         b.push(e.prefix_len);
         b.extend(e.identity.to_le_bytes());
     }
@@ -180,11 +232,6 @@ pub fn canonical_bytes(t: &HostTables) -> Vec<u8> {
         b.push(v.flags);
         b.extend(v.rule.to_le_bytes());
     }
-    b.extend((t.rules.len() as u32).to_le_bytes());
-    for r in &t.rules {
-        s(&mut b, r);
-    }
-    b
 }
 
 /// Map a language action to the datapath verdict (monitor policies never drop).
@@ -299,17 +346,20 @@ impl PortClasses {
         v
     }
 
-    fn contains(&self, kind: u32, class: u32, range: (u16, u16)) -> bool {
-        if class == 0 {
-            return false;
+    /// Per kind and distinct range: the positions (in `of_kind(kind)`) of the classes inside it.
+    fn range_positions(&self) -> [Vec<Vec<u32>>; 2] {
+        let mut out: [Vec<Vec<u32>>; 2] = [
+            vec![vec![]; self.ranges[0].len()],
+            vec![vec![]; self.ranges[1].len()],
+        ];
+        for kind in 0..2u32 {
+            for (pos, c) in self.of_kind(kind).into_iter().enumerate().skip(1) {
+                for &ri in &self.classes[c as usize].1 {
+                    out[kind as usize][ri as usize].push(pos as u32);
+                }
+            }
         }
-        let Ok(ri) = self.ranges[kind as usize].binary_search(&range) else {
-            return false;
-        };
-        self.classes[class as usize]
-            .1
-            .binary_search(&(ri as u32))
-            .is_ok()
+        out
     }
 }
 
@@ -325,66 +375,283 @@ struct IdStruct {
     protos: Vec<(u8, P2)>,
 }
 
-/// First-match walk over `entries` (already filtered to the peer), for `proto` (None = a
-/// protocol no rule names) and port class `class`.
-fn walk(
-    res: &Resolved,
-    entries: &[&Entry],
-    proto: Option<u8>,
-    class: u32,
-    pc: &PortClasses,
+/// How one entry's services match one protocol.
+#[derive(Clone)]
+enum Match {
+    No,
+    All,
+    /// Class positions (in the kind's class list); never position 0 (no range).
+    Classes(Vec<u32>),
+}
+
+/// What every list of one host shares.
+struct HostCtx<'r> {
+    res: &'r Resolved,
     default: Verdict,
-) -> Verdict {
-    let mut skip: Option<usize> = None;
-    for e in entries {
-        if skip.is_some() && e.tier == skip {
-            continue;
+    /// Peer set → local index (position in `inv`).
+    local: FxMap<usize, u32>,
+    /// Local set → identities whose addresses are all in it (ascending).
+    inv: Vec<Vec<u32>>,
+    nids: u32,
+    protos: Vec<u8>,
+    kind_classes: [Vec<u32>; 2],
+    ranges: [Vec<(u16, u16)>; 2],
+    range_pos: [Vec<Vec<u32>>; 2],
+}
+
+/// First-match state of one walk over several port classes at once.
+struct Walk {
+    out: Vec<Option<Verdict>>,
+    /// Per class: the tier a `pass` skips the rest of.
+    skip: Vec<Option<usize>>,
+    left: usize,
+}
+
+impl Walk {
+    fn new(n: usize) -> Walk {
+        Walk {
+            out: vec![None; n],
+            skip: vec![None; n],
+            left: n,
         }
-        let svc = res.entry_svc(e);
-        let m = svc.is_empty()
-            || svc.iter().any(|s| match (s.proto, proto) {
-                (None, _) => true,
-                (Some(_), None) => false,
-                (Some(a), Some(p)) if a != p => false,
-                (Some(_), Some(p)) => match s.range {
-                    None => true,
-                    Some(r) => port_kind(p).is_some_and(|k| pc.contains(k, class, r)),
-                },
-            });
-        if !m {
-            continue;
+    }
+
+    fn apply(&mut self, c: usize, e: &Entry) {
+        if self.out[c].is_some() || (self.skip[c].is_some() && e.tier == self.skip[c]) {
+            return;
         }
         if e.action == RAction::Pass {
-            skip = e.tier;
+            self.skip[c] = e.tier;
+        } else {
+            self.out[c] = Some(verdict_of(e));
+            self.left -= 1;
+        }
+    }
+
+    /// Feed the entries of `ids` in order; `m(j)` says which classes entry `j` matches.
+    fn run<'m>(
+        mut self,
+        list: &[Entry],
+        ids: &[u32],
+        m: impl Fn(usize) -> &'m Match,
+        default: Verdict,
+    ) -> Vec<Verdict> {
+        let n = self.out.len();
+        for &j in ids {
+            let e = &list[j as usize];
+            match m(j as usize) {
+                Match::No => continue,
+                Match::All => (0..n).for_each(|c| self.apply(c, e)),
+                Match::Classes(cs) => cs.iter().for_each(|&c| self.apply(c as usize, e)),
+            }
+            if self.left == 0 {
+                break;
+            }
+        }
+        self.out.into_iter().map(|v| v.unwrap_or(default)).collect()
+    }
+}
+
+/// Policy entries of one distinct entry list, without slot and direction:
+/// (identity, protocol, port class, verdict).
+fn list_template(ctx: &HostCtx, list: &[Entry]) -> Vec<(u32, u8, u32, Verdict)> {
+    let res = ctx.res;
+    // How each entry matches "another protocol" and each protocol named on the host.
+    let other: Vec<Match> = list
+        .iter()
+        .map(|e| {
+            let svc = res.entry_svc(e);
+            if svc.is_empty() || svc.iter().any(|s| s.proto.is_none()) {
+                Match::All
+            } else {
+                Match::No
+            }
+        })
+        .collect();
+    let per_proto: Vec<Vec<Match>> = ctx
+        .protos
+        .iter()
+        .map(|&p| {
+            list.iter()
+                .map(|e| {
+                    let svc = res.entry_svc(e);
+                    if svc.is_empty()
+                        || svc
+                            .iter()
+                            .any(|s| s.proto.is_none() || (s.proto == Some(p) && s.range.is_none()))
+                    {
+                        return Match::All;
+                    }
+                    let Some(k) = port_kind(p) else {
+                        return Match::No;
+                    };
+                    let k = k as usize;
+                    let mut cs: Vec<u32> = svc
+                        .iter()
+                        .filter(|s| s.proto == Some(p))
+                        .filter_map(|s| s.range)
+                        .filter_map(|r| ctx.ranges[k].binary_search(&r).ok())
+                        .flat_map(|ri| ctx.range_pos[k][ri].iter().copied())
+                        .collect();
+                    if cs.is_empty() {
+                        return Match::No;
+                    }
+                    cs.sort_unstable();
+                    cs.dedup();
+                    Match::Classes(cs)
+                })
+                .collect()
+        })
+        .collect();
+    // Entry indices per identity, as one flat array (identity i: off[i]..off[i + 1]).
+    let n = ctx.nids as usize + 1;
+    let mut off = vec![0usize; n + 1];
+    for e in list {
+        if e.peers == usize::MAX {
+            off[2..].iter_mut().for_each(|c| *c += 1);
+        } else {
+            for &id in &ctx.inv[ctx.local[&e.peers] as usize] {
+                off[id as usize + 1] += 1;
+            }
+        }
+    }
+    for i in 1..=n {
+        off[i] += off[i - 1];
+    }
+    let mut flat = vec![0u32; off[n]];
+    let mut fill = off.clone();
+    for (j, e) in list.iter().enumerate() {
+        let mut put = |id: usize| {
+            flat[fill[id]] = j as u32;
+            fill[id] += 1;
+        };
+        if e.peers == usize::MAX {
+            (1..n).for_each(&mut put);
+        } else {
+            for &id in &ctx.inv[ctx.local[&e.peers] as usize] {
+                put(id as usize);
+            }
+        }
+    }
+    // entry list → structure id; structures deduplicated by value.
+    let mut memo: FxMap<&[u32], u32> = FxMap::default();
+    let mut uniq: Vec<IdStruct> = vec![];
+    let mut uniq_ids: FxMap<IdStruct, u32> = FxMap::default();
+    let mut structs: Vec<u32> = Vec::with_capacity(n);
+    for id in 1..n {
+        let ids = &flat[off[id]..off[id + 1]];
+        if let Some(&sid) = memo.get(ids) {
+            structs.push(sid);
             continue;
         }
-        return verdict_of(e);
+        let other_v = Walk::new(1).run(list, ids, |j| &other[j], ctx.default)[0];
+        let mut ps = Vec::new();
+        for (pi, &p) in ctx.protos.iter().enumerate() {
+            let m = &per_proto[pi];
+            let p2 = match port_kind(p) {
+                None => P2::Plain(Walk::new(1).run(list, ids, |j| &m[j], ctx.default)[0]),
+                Some(k) => {
+                    let cls = &ctx.kind_classes[k as usize];
+                    let vs = Walk::new(cls.len()).run(list, ids, |j| &m[j], ctx.default);
+                    let v0 = vs[0];
+                    let diff: Vec<(u32, Verdict)> = cls
+                        .iter()
+                        .zip(vs)
+                        .filter(|(_, v)| *v != v0)
+                        .map(|(&c, v)| (c, v))
+                        .collect();
+                    if diff.is_empty() {
+                        P2::Plain(v0)
+                    } else {
+                        P2::Refine(v0, diff)
+                    }
+                }
+            };
+            if p2 != P2::Plain(other_v) {
+                ps.push((p, p2));
+            }
+        }
+        let st = IdStruct {
+            other: other_v,
+            protos: ps,
+        };
+        let sid = match uniq_ids.get(&st) {
+            Some(&x) => x,
+            None => {
+                let x = uniq.len() as u32;
+                uniq_ids.insert(st.clone(), x);
+                uniq.push(st);
+                x
+            }
+        };
+        memo.insert(ids, sid);
+        structs.push(sid);
     }
-    default
+    // Most common structure → IDENTITY_ANY (ties: the one seen first).
+    let mut count: Vec<(usize, usize)> = vec![(0, usize::MAX); uniq.len()];
+    for (i, &sid) in structs.iter().enumerate() {
+        let c = &mut count[sid as usize];
+        c.0 += 1;
+        c.1 = c.1.min(i);
+    }
+    let any_sid = (0..uniq.len()).max_by(|&a, &b| {
+        count[a]
+            .0
+            .cmp(&count[b].0)
+            .then(count[b].1.cmp(&count[a].1))
+    });
+    let fallback = IdStruct {
+        other: ctx.default,
+        protos: vec![],
+    };
+    let any = any_sid.map_or(&fallback, |a| &uniq[a]);
+    let mut out = Vec::new();
+    emit(&mut out, IDENTITY_ANY, any);
+    for (i, &sid) in structs.iter().enumerate() {
+        if Some(sid as usize) != any_sid {
+            emit(&mut out, i as u32 + 1, &uniq[sid as usize]);
+        }
+    }
+    out
 }
 
 pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
-    let default = default_verdict(res);
-    let vms: Vec<usize> = {
-        let mut v: Vec<usize> = (0..res.vms.len())
-            .filter(|&i| res.vms[i].host == host)
-            .collect();
-        v.sort_by(|&a, &b| res.vms[a].name.cmp(&res.vms[b].name));
-        v
-    };
-    // (1) entry lists.
-    let lists: Vec<[Vec<Entry>; 2]> = vms
+    compile_host_in(res, host, &Shared::new(res))
+}
+
+fn compile_host_in(res: &Resolved, host: &str, sh: &Shared) -> HostOutput {
+    let default = sh.default;
+    static NONE: Vec<usize> = Vec::new();
+    let vms: &Vec<usize> = sh.by_host.get(host).unwrap_or(&NONE);
+    // (1) entry lists; VMs with equal lists (same policies) share the work below.
+    let lists: Vec<Vec<Entry>> = vms
         .iter()
-        .map(|&v| [res.entries(v, DIR_EGRESS), res.entries(v, DIR_INGRESS)])
+        .flat_map(|&v| [res.entries(v, DIR_EGRESS), res.entries(v, DIR_INGRESS)])
         .collect();
+    let mut distinct: Vec<usize> = Vec::new();
+    let list_of: Vec<usize> = {
+        let mut seen: FxMap<&[Entry], usize> = FxMap::default();
+        lists
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                *seen.entry(l.as_slice()).or_insert_with(|| {
+                    distinct.push(i);
+                    distinct.len() - 1
+                })
+            })
+            .collect()
+    };
     // (2) identities.
     let mut used: BTreeSet<usize> = BTreeSet::new();
     let mut svcs: BTreeSet<SvcEntry> = BTreeSet::new();
-    for l in lists.iter().flatten().flatten() {
-        if l.peers != usize::MAX {
-            used.insert(l.peers);
+    for &d in &distinct {
+        for l in &lists[d] {
+            if l.peers != usize::MAX {
+                used.insert(l.peers);
+            }
+            svcs.extend(res.entry_svc(l).iter().copied());
         }
-        svcs.extend(res.entry_svc(l).iter().copied());
     }
     let used: Vec<usize> = used.into_iter().collect();
     let local: FxMap<usize, u32> = used
@@ -422,36 +689,47 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
         }
         [l4.into_iter().collect(), l6.into_iter().collect()]
     };
-    prefixes.sort_by(|a, b| (a.len, a).cmp(&(b.len, b)));
+    prefixes.sort_unstable_by(|a, b| (a.len, a).cmp(&(b.len, b)));
     let mut id_of_members: FxMap<Vec<u32>, u32> = FxMap::default();
     let mut members: Vec<Vec<u32>> = vec![vec![]]; // index = identity; 0 unused
-    let mut prefix_id: FxMap<Net, u32> = FxMap::default();
     let mut ipcache = Vec::new();
     let mut kept: FxMap<Net, u32> = FxMap::default();
+    let mut pos: Vec<(u32, u32)> = Vec::new();
+    let mut neg: Vec<(u32, u32)> = Vec::new();
     for x in &prefixes {
-        let mut pos: BTreeSet<(u32, u32)> = BTreeSet::new();
-        let mut neg: BTreeSet<(u32, u32)> = BTreeSet::new();
+        pos.clear();
+        neg.clear();
         let fam = &lens[usize::from(!x.is_v4())];
         for &l in fam.iter().take_while(|&&l| l <= x.len) {
             let a = Net::new(x.addr, l);
             if let Some(v) = ann.get(&a) {
                 for &(s, b, ex) in v {
                     if ex {
-                        neg.insert((s, b));
+                        neg.push((s, b));
                     } else {
-                        pos.insert((s, b));
+                        pos.push((s, b));
                     }
                 }
             }
         }
-        let mut m: Vec<u32> = pos.difference(&neg).map(|&(s, _)| s).collect();
+        pos.sort_unstable();
+        pos.dedup();
+        neg.sort_unstable();
+        let mut m: Vec<u32> = pos
+            .iter()
+            .filter(|sb| neg.binary_search(sb).is_err())
+            .map(|&(s, _)| s)
+            .collect();
         m.dedup();
-        let n = members.len() as u32;
-        let id = *id_of_members.entry(m.clone()).or_insert_with(|| {
-            members.push(m);
-            n
-        });
-        prefix_id.insert(*x, id);
+        let id = match id_of_members.get(&m) {
+            Some(&id) => id,
+            None => {
+                let id = members.len() as u32;
+                id_of_members.insert(m.clone(), id);
+                members.push(m);
+                id
+            }
+        };
         // Drop entries that resolve to the same identity as their LPM parent.
         let parent = fam
             .iter()
@@ -467,7 +745,7 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
             });
         }
     }
-    ipcache.sort();
+    ipcache.sort_unstable();
     let nids = members.len() as u32 - 1;
     // inverted index: local set → identities containing it
     let mut inv: Vec<Vec<u32>> = vec![vec![]; used.len()];
@@ -478,9 +756,27 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
     }
     // (3) port classes.
     let pc = PortClasses::build(&svcs);
-    let protos: BTreeSet<u8> = svcs.iter().filter_map(|s| s.proto).collect();
-    let kind_classes = [pc.of_kind(0), pc.of_kind(1)];
-    // (4) per endpoint.
+    let ctx = HostCtx {
+        res,
+        default,
+        local,
+        inv,
+        nids,
+        protos: svcs
+            .iter()
+            .filter_map(|s| s.proto)
+            .collect::<BTreeSet<u8>>()
+            .into_iter()
+            .collect(),
+        kind_classes: [pc.of_kind(0), pc.of_kind(1)],
+        range_pos: pc.range_positions(),
+        ranges: pc.ranges.clone(),
+    };
+    // (4) decisions per distinct list, then stamped onto each endpoint.
+    let templates: Vec<Vec<(u32, u8, u32, Verdict)>> = distinct
+        .iter()
+        .map(|&d| list_template(&ctx, &lists[d]))
+        .collect();
     let mut endpoints = Vec::new();
     let mut slots = Vec::new();
     let mut policy = Vec::new();
@@ -499,8 +795,8 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
         if vm.infra_server {
             flags |= EP_INFRA_SERVER;
         }
-        let first_slot = endpoints.len() as u32;
         for (ii, (mac, ips)) in vm.interfaces.iter().enumerate() {
+            let slot = endpoints.len() as u32;
             let mut addrs = ips.clone();
             addrs.extend(shared.iter().copied());
             endpoints.push(EndpointTable {
@@ -510,120 +806,29 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
                 flags,
             });
             slots.push((v, ii));
-        }
-        let nslots = vm.interfaces.len() as u32;
-        for (di, dir) in [DIR_EGRESS, DIR_INGRESS].into_iter().enumerate() {
-            let list = &lists[vi][di];
-            // entry indices per identity
-            let mut per_id: Vec<Vec<u32>> = vec![vec![]; nids as usize + 1];
-            for (j, e) in list.iter().enumerate() {
-                if e.peers == usize::MAX {
-                    for p in per_id.iter_mut().skip(1) {
-                        p.push(j as u32);
-                    }
-                } else {
-                    for &id in &inv[local[&e.peers] as usize] {
-                        per_id[id as usize].push(j as u32);
-                    }
-                }
-            }
-            // entry list → structure id; structures deduplicated by value.
-            let mut memo: FxMap<&Vec<u32>, u32> = FxMap::default();
-            let mut uniq: Vec<IdStruct> = vec![];
-            let mut uniq_ids: FxMap<IdStruct, u32> = FxMap::default();
-            let mut structs: Vec<u32> = Vec::with_capacity(per_id.len());
-            for ids in per_id.iter().skip(1) {
-                if let Some(&sid) = memo.get(ids) {
-                    structs.push(sid);
-                    continue;
-                }
-                let st = {
-                    let es: Vec<&Entry> = ids.iter().map(|&j| &list[j as usize]).collect();
-                    let other = walk(res, &es, None, 0, &pc, default);
-                    let mut ps = Vec::new();
-                    for &p in &protos {
-                        // Only entries that can match protocol p matter for it.
-                        let ep: Vec<&Entry> = es
-                            .iter()
-                            .copied()
-                            .filter(|e| {
-                                let svc = res.entry_svc(e);
-                                svc.is_empty() || svc.iter().any(|s| s.proto.is_none_or(|x| x == p))
-                            })
-                            .collect();
-                        let p2 = match port_kind(p) {
-                            None => P2::Plain(walk(res, &ep, Some(p), 0, &pc, default)),
-                            Some(k) => {
-                                let cls = &kind_classes[k as usize];
-                                let vs: Vec<(u32, Verdict)> = cls
-                                    .iter()
-                                    .map(|&c| (c, walk(res, &ep, Some(p), c, &pc, default)))
-                                    .collect();
-                                let v0 = vs[0].1;
-                                let diff: Vec<(u32, Verdict)> =
-                                    vs.into_iter().filter(|(_, v)| *v != v0).collect();
-                                if diff.is_empty() {
-                                    P2::Plain(v0)
-                                } else {
-                                    P2::Refine(v0, diff)
-                                }
-                            }
-                        };
-                        if p2 != P2::Plain(other) {
-                            ps.push((p, p2));
-                        }
-                    }
-                    IdStruct { other, protos: ps }
-                };
-                let sid = match uniq_ids.get(&st) {
-                    Some(&x) => x,
-                    None => {
-                        let x = uniq.len() as u32;
-                        uniq_ids.insert(st.clone(), x);
-                        uniq.push(st);
-                        x
-                    }
-                };
-                memo.insert(ids, sid);
-                structs.push(sid);
-            }
-            // Most common structure → IDENTITY_ANY (ties: the one seen first).
-            let mut count: Vec<(usize, usize)> = vec![(0, usize::MAX); uniq.len()];
-            for (i, &sid) in structs.iter().enumerate() {
-                let c = &mut count[sid as usize];
-                c.0 += 1;
-                c.1 = c.1.min(i);
-            }
-            let any_sid = (0..uniq.len()).max_by(|&a, &b| {
-                count[a]
-                    .0
-                    .cmp(&count[b].0)
-                    .then(count[b].1.cmp(&count[a].1))
-            });
-            let fallback = IdStruct {
-                other: default,
-                protos: vec![],
-            };
-            let any = any_sid.map_or(&fallback, |a| &uniq[a]);
-            for slot in first_slot..first_slot + nslots {
-                emit(&mut policy, slot, dir, IDENTITY_ANY, any);
-                for (i, &sid) in structs.iter().enumerate() {
-                    if Some(sid as usize) != any_sid {
-                        emit(&mut policy, slot, dir, i as u32 + 1, &uniq[sid as usize]);
-                    }
-                }
+            for (di, dir) in [DIR_EGRESS, DIR_INGRESS].into_iter().enumerate() {
+                let t = &templates[list_of[2 * vi + di]];
+                policy.extend(t.iter().map(|&(id, proto, class, verdict)| {
+                    (PolicyKey::new(0, slot, dir, id, proto, class), verdict)
+                }));
             }
         }
     }
-    policy.sort_by_key(|a: &(PolicyKey, Verdict)| a.0);
+    // Keys are unique, so an unstable sort is deterministic.
+    policy.sort_unstable_by_key(|a: &(PolicyKey, Verdict)| a.0);
     let tables = HostTables {
         endpoints,
         ipcache,
         port_classes: pc.table,
         policy,
-        rules: res.rule_ids(),
+        rules: sh.rule_ids.clone(),
     };
-    let revision = hex(&Sha256::digest(canonical_bytes(&tables)));
+    let mut head = Vec::new();
+    encode_head(&tables, &mut head);
+    let mut h = Sha256::new();
+    h.update(&head);
+    h.update(&sh.rules_enc);
+    let revision = hex(&h.finalize());
     HostOutput {
         tables,
         revision,
@@ -635,20 +840,19 @@ fn refine(v: Verdict) -> Verdict {
     Verdict::new(v.action, v.flags | VERDICT_REFINE, v.rule)
 }
 
-fn emit(out: &mut Vec<(PolicyKey, Verdict)>, slot: u32, dir: u8, id: u32, s: &IdStruct) {
-    let k = |proto, class| PolicyKey::new(0, slot, dir, id, proto, class);
+fn emit(out: &mut Vec<(u32, u8, u32, Verdict)>, id: u32, s: &IdStruct) {
     if s.protos.is_empty() {
-        out.push((k(PROTO_ANY, PORT_CLASS_ANY), s.other));
+        out.push((id, PROTO_ANY, PORT_CLASS_ANY, s.other));
         return;
     }
-    out.push((k(PROTO_ANY, PORT_CLASS_ANY), refine(s.other)));
+    out.push((id, PROTO_ANY, PORT_CLASS_ANY, refine(s.other)));
     for (p, p2) in &s.protos {
         match p2 {
-            P2::Plain(v) => out.push((k(*p, PORT_CLASS_ANY), *v)),
+            P2::Plain(v) => out.push((id, *p, PORT_CLASS_ANY, *v)),
             P2::Refine(v0, cls) => {
-                out.push((k(*p, PORT_CLASS_ANY), refine(*v0)));
+                out.push((id, *p, PORT_CLASS_ANY, refine(*v0)));
                 for (c, v) in cls {
-                    out.push((k(*p, *c), *v));
+                    out.push((id, *p, *c, *v));
                 }
             }
         }

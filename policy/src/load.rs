@@ -316,7 +316,7 @@ pub struct Resolved {
 }
 
 /// Kind of an entry in an endpoint's ordered list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EntryKind {
     System(usize),
     Quarantine(usize),
@@ -325,7 +325,7 @@ pub enum EntryKind {
 
 /// One entry in the ordered rule list of (VM, direction): the compiled meaning of the
 /// language for that endpoint. `tier` is `None` above all tiers (system, quarantine).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Entry {
     pub kind: EntryKind,
     pub tier: Option<usize>,
