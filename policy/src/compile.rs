@@ -112,6 +112,10 @@ impl<'a> Shared<'a> {
             by_host,
         }
     }
+
+    pub(crate) fn rules_enc(&self) -> &[u8] {
+        &self.rules_enc
+    }
 }
 
 /// Compile several hosts, in parallel on the available cores (hosts are independent).

@@ -1,26 +1,30 @@
-//! Incremental compilation: a host's tables are recomputed only when the inputs that host
-//! depends on change. The key of a host is a sha256 over exactly those inputs: its VMs
-//! (names, interfaces, addresses, flags), the ordered entry lists of each of its VMs (rule
-//! actions, tiers, log/monitor flags, rule indices, the *contents* of the peer address sets
-//! and services they use), the default action and the rule-id table.
-use std::collections::HashMap;
+//! Incremental compilation: a host's tables are recomputed only when inputs that host
+//! depends on change. Those inputs are hashed in three parts: global (rule-id table, default
+//! action, tiers, system endpoints: a change recompiles everything), per VM (name, host,
+//! interfaces, addresses, flags, quarantine) and per rule (what its entries read, with the
+//! *contents* of its address sets and services, and whom it applies to or is reflected onto).
+//! A changed VM stales its old and new host; a changed rule the hosts of the VMs it reaches
+//! before and after the change.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::compile::{compile_host, compile_hosts, hex, Compiled, HostOutput};
-use crate::load::{EntryKind, Resolved};
+use crate::compile::{compile_host, compile_hosts_in, hex, Compiled, HostOutput, Shared};
+use crate::load::Resolved;
 
 #[derive(Default)]
 pub struct Incremental {
-    cache: HashMap<String, ([u8; 32], Arc<HostOutput>)>,
+    cache: HashMap<String, Arc<HostOutput>>,
     /// Hosts recomputed by the last call.
     pub last_recomputed: usize,
-    /// Fingerprint of everything but the rules (VMs, rule-id table, settings, quarantine).
+    /// See [`global_fingerprint`]; a change recompiles every host.
     global: Option<[u8; 32]>,
-    /// Per rule: content hash and the VMs it can touch (applied-to ∪ reflected peers).
-    rules: Vec<([u8; 32], Vec<usize>)>,
-    /// Whether the last call took the fast path (only rules changed).
+    /// Per VM index: its hash and host.
+    vms: Vec<([u8; 32], String)>,
+    rules: RuleState,
+    /// Whether the last call could limit itself to the hosts of changed VMs and rules
+    /// (same rule-id table and settings).
     pub last_fast_path: bool,
 }
 
@@ -63,123 +67,136 @@ fn svc_bytes(h: &mut Sha256, svc: &crate::load::SvcSet) {
     }
 }
 
-/// Everything `compile_host` reads except the rules themselves.
-fn global_fingerprint(res: &Resolved, ids: &[u8], set_hash: &[[u8; 32]]) -> [u8; 32] {
+/// What `compile_host` reads that is the same on every host: the rule-id table (which also
+/// fixes the rule indices), the default action, tiers and system endpoints.
+fn global_fingerprint(res: &Resolved, rules_enc: &[u8], set_hash: &[[u8; 32]]) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(ids);
+    h.update(rules_enc);
     h.update(format!("{:?}{:?}", res.default_action, res.tiers));
+    h.update((res.system.len() as u32).to_le_bytes());
     for s in &res.system {
+        h.update((s.name.len() as u32).to_le_bytes());
         h.update(s.name.as_bytes());
         h.update(set_hash[s.set]);
         svc_bytes(&mut h, &s.svc);
     }
-    for q in &res.quarantine {
-        h.update((q.vm as u64).to_le_bytes());
-        h.update([u8::from(q.full)]);
-        h.update(set_hash[q.allow]);
-    }
-    for v in &res.monitor_vms {
-        h.update((*v as u64).to_le_bytes());
-    }
-    for vm in &res.vms {
-        h.update(format!(
-            "{}|{}|{:?}|{:?}|{}\n",
-            vm.name, vm.host, vm.interfaces, vm.addrs, vm.infra_server
-        ));
-    }
     h.finalize().into()
 }
 
-fn rule_state(res: &Resolved, set_hash: &[[u8; 32]]) -> Vec<([u8; 32], Vec<usize>)> {
-    res.rules
+/// Per VM: everything its host's tables read of it besides the rules (name, host,
+/// interfaces, addresses, flags, its quarantine).
+fn vm_hashes(res: &Resolved, set_hash: &[[u8; 32]]) -> Vec<[u8; 32]> {
+    let mut quar: Vec<Vec<usize>> = vec![Vec::new(); res.vms.len()];
+    for (i, q) in res.quarantine.iter().enumerate() {
+        if let Some(v) = quar.get_mut(q.vm) {
+            v.push(i);
+        }
+    }
+    let ip = |b: &mut Vec<u8>, a: &std::net::IpAddr| match a {
+        std::net::IpAddr::V4(x) => {
+            b.push(4);
+            b.extend(x.octets());
+        }
+        std::net::IpAddr::V6(x) => {
+            b.push(6);
+            b.extend(x.octets());
+        }
+    };
+    let mut b = Vec::new();
+    res.vms
         .iter()
-        .map(|r| {
-            let mut h = Sha256::new();
-            h.update((r.tier as u32).to_le_bytes());
-            h.update(r.priority.to_le_bytes());
-            h.update((r.pos as u32).to_le_bytes());
-            h.update([
-                r.dir,
-                r.action as u8,
-                u8::from(r.monitor),
-                u8::from(r.log),
-                u8::from(r.symmetric),
-            ]);
-            h.update((r.applies.len() as u32).to_le_bytes());
-            for v in &r.applies {
-                h.update((*v as u32).to_le_bytes());
+        .enumerate()
+        .map(|(v, vm)| {
+            b.clear();
+            for s in [&vm.name, &vm.host] {
+                b.extend((s.len() as u32).to_le_bytes());
+                b.extend(s.as_bytes());
             }
-            h.update((r.peer_vms.len() as u32).to_le_bytes());
-            for v in &r.peer_vms {
-                h.update((*v as u32).to_le_bytes());
+            b.push(u8::from(vm.infra_server));
+            b.push(u8::from(res.monitor_vms.contains(&v)));
+            b.extend((vm.interfaces.len() as u32).to_le_bytes());
+            for (mac, ips) in &vm.interfaces {
+                b.extend(mac);
+                b.extend((ips.len() as u32).to_le_bytes());
+                ips.iter().for_each(|a| ip(&mut b, a));
             }
-            h.update(set_hash[r.applies_set]);
-            h.update(set_hash[r.peers]);
-            svc_bytes(&mut h, &r.svc);
-            let mut vms: Vec<usize> = r.applies.iter().chain(&r.peer_vms).copied().collect();
-            vms.sort_unstable();
-            vms.dedup();
-            (h.finalize().into(), vms)
+            b.extend((vm.addrs.len() as u32).to_le_bytes());
+            vm.addrs.iter().for_each(|a| ip(&mut b, a));
+            b.extend((quar[v].len() as u32).to_le_bytes());
+            for &q in &quar[v] {
+                let q_ = &res.quarantine[q];
+                b.extend((q as u32).to_le_bytes());
+                b.push(u8::from(q_.full));
+                b.extend(set_hash[q_.allow]);
+            }
+            Sha256::digest(&b).into()
         })
         .collect()
 }
 
-/// The hash of everything `compile_host(res, host)` reads.
-pub fn host_key(
-    res: &Resolved,
-    host: &str,
-    rule_ids_hash: &[u8],
-    set_hash: &[[u8; 32]],
-) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(rule_ids_hash);
-    h.update(format!("{:?}", res.default_action));
-    let mut vms: Vec<usize> = (0..res.vms.len())
-        .filter(|&i| res.vms[i].host == host)
-        .collect();
-    vms.sort_by(|&a, &b| res.vms[a].name.cmp(&res.vms[b].name));
-    for v in vms {
-        let vm = &res.vms[v];
-        h.update(format!(
-            "{}|{:?}|{:?}|{}|{}\n",
-            vm.name,
-            vm.interfaces,
-            vm.addrs,
-            vm.infra_server,
-            res.monitor_vms.contains(&v)
-        ));
-        for dir in [0u8, 1] {
-            for e in res.entries(v, dir) {
-                let kind = match e.kind {
-                    EntryKind::System(_) => 0u8,
-                    EntryKind::Quarantine(_) => 1,
-                    EntryKind::Rule { .. } => 2,
-                };
-                h.update([
-                    dir,
-                    kind,
-                    e.tier.map_or(255, |t| t as u8),
-                    e.action as u8,
-                    u8::from(e.monitor),
-                    u8::from(e.log),
-                ]);
-                h.update(e.rule_index.to_le_bytes());
-                if e.peers == usize::MAX {
-                    h.update(b"*");
-                } else {
-                    h.update(set_hash[e.peers]);
-                }
-                for s in res.entry_svc(&e) {
-                    h.update([s.proto.unwrap_or(0), u8::from(s.range.is_some())]);
-                    let (a, b) = s.range.unwrap_or((0, 0));
-                    h.update(a.to_le_bytes());
-                    h.update(b.to_le_bytes());
-                }
-                h.update(b"\n");
+/// Per rule: a hash of everything an entry of it reads (and of whom it applies to or is
+/// reflected onto), and the VMs whose lists hold it, flattened (`vms[off[i]..off[i + 1]]`).
+#[derive(Default)]
+struct RuleState {
+    hash: Vec<[u8; 32]>,
+    off: Vec<usize>,
+    vms: Vec<u32>,
+}
+
+fn rule_state(res: &Resolved, set_hash: &[[u8; 32]]) -> RuleState {
+    let mut st = RuleState {
+        hash: Vec::with_capacity(res.rules.len()),
+        off: vec![0],
+        vms: Vec::new(),
+    };
+    let mut b = Vec::new();
+    for r in &res.rules {
+        b.clear();
+        b.extend((r.tier as u32).to_le_bytes());
+        b.extend(r.priority.to_le_bytes());
+        b.extend((r.pos as u32).to_le_bytes());
+        b.extend([
+            r.dir,
+            r.action as u8,
+            u8::from(r.monitor),
+            u8::from(r.log),
+            u8::from(r.symmetric),
+        ]);
+        for l in [&r.applies, &r.peer_vms] {
+            b.extend((l.len() as u32).to_le_bytes());
+            for v in l {
+                b.extend((*v as u32).to_le_bytes());
             }
         }
+        b.extend(set_hash[r.applies_set]);
+        b.extend(set_hash[r.peers]);
+        b.extend((r.svc.len() as u32).to_le_bytes());
+        for s in &r.svc {
+            let (lo, hi) = s.range.unwrap_or((0, 0));
+            b.extend([
+                s.proto.unwrap_or(0),
+                u8::from(s.proto.is_some()),
+                u8::from(s.range.is_some()),
+            ]);
+            b.extend(lo.to_le_bytes());
+            b.extend(hi.to_le_bytes());
+        }
+        st.hash.push(Sha256::digest(&b).into());
+        let start = st.vms.len();
+        st.vms
+            .extend(r.applies.iter().chain(&r.peer_vms).map(|&v| v as u32));
+        st.vms[start..].sort_unstable();
+        let mut n = start;
+        for i in start..st.vms.len() {
+            if i == start || st.vms[i] != st.vms[n - 1] {
+                st.vms[n] = st.vms[i];
+                n += 1;
+            }
+        }
+        st.vms.truncate(n);
+        st.off.push(n);
     }
-    h.finalize().into()
+    st
 }
 
 impl Incremental {
@@ -188,88 +205,90 @@ impl Incremental {
     pub fn compile(&mut self, res: &Resolved) -> Compiled {
         let timing = std::env::var_os("BULKHEAD_TIMING").is_some();
         let t0 = std::time::Instant::now();
-        let ids = Sha256::digest(res.rule_ids().join("\n"));
+        let sh = Shared::new(res);
         let set_hash = set_hashes(res);
+        let global = global_fingerprint(res, sh.rules_enc(), &set_hash);
         let t1 = t0.elapsed();
-        let global = global_fingerprint(res, &ids, &set_hash);
-        let t2 = t0.elapsed();
+        let vms: Vec<([u8; 32], String)> = vm_hashes(res, &set_hash)
+            .into_iter()
+            .zip(&res.vms)
+            .map(|(h, vm)| (h, vm.host.clone()))
+            .collect();
         let rules = rule_state(res, &set_hash);
-        let t3 = t0.elapsed();
-        let mut hosts = std::collections::BTreeMap::new();
-        let mut total = Sha256::new();
-        let mut next = HashMap::new();
+        let t2 = t0.elapsed();
         let names: Vec<String> = res.hosts().into_iter().collect();
-        let fast = self.global == Some(global)
-            && self.rules.len() == rules.len()
-            && names.iter().all(|h| self.cache.contains_key(h));
+        // Same rule-id table (so same rule indices) and settings: only the hosts of changed
+        // VMs and of the VMs changed rules reach (before or after) can differ.
+        let fast = self.global == Some(global) && self.rules.hash.len() == rules.hash.len();
         self.last_fast_path = fast;
-        let keys: Vec<[u8; 32]>;
-        let stale: Vec<String>;
-        if fast {
-            // Only rules changed: the hosts of the VMs those rules touch (before or after).
-            let mut touched: std::collections::BTreeSet<&str> = Default::default();
-            for (old, new) in self.rules.iter().zip(&rules) {
-                if old.0 != new.0 {
-                    for &v in old.1.iter().chain(&new.1) {
-                        if let Some(vm) = res.vms.get(v) {
-                            touched.insert(vm.host.as_str());
-                        }
-                    }
+        let stale: Vec<String> = if fast {
+            let mut touched: BTreeSet<&str> = BTreeSet::new();
+            for v in 0..vms.len().max(self.vms.len()) {
+                let (old, new) = (self.vms.get(v), vms.get(v));
+                if old.map(|o| o.0) != new.map(|n| n.0) {
+                    touched.extend(old.iter().chain(&new).map(|x| x.1.as_str()));
                 }
             }
-            stale = touched.iter().map(|h| h.to_string()).collect();
-            keys = names
+            for (i, (old, new)) in self.rules.hash.iter().zip(&rules.hash).enumerate() {
+                if old != new {
+                    let was = &self.rules.vms[self.rules.off[i]..self.rules.off[i + 1]];
+                    let is = &rules.vms[rules.off[i]..rules.off[i + 1]];
+                    touched.extend(
+                        was.iter()
+                            .filter_map(|&v| self.vms.get(v as usize))
+                            .map(|x| x.1.as_str()),
+                    );
+                    touched.extend(
+                        is.iter()
+                            .filter_map(|&v| vms.get(v as usize))
+                            .map(|x| x.1.as_str()),
+                    );
+                }
+            }
+            names
                 .iter()
-                .map(|h| {
-                    if touched.contains(h.as_str()) {
-                        host_key(res, h, &ids, &set_hash)
-                    } else {
-                        self.cache.get(h).map(|c| c.0).unwrap_or_default()
-                    }
-                })
-                .collect();
+                .filter(|h| touched.contains(h.as_str()) || !self.cache.contains_key(*h))
+                .cloned()
+                .collect()
         } else {
-            keys = names
-                .iter()
-                .map(|h| host_key(res, h, &ids, &set_hash))
-                .collect();
-            stale = names
-                .iter()
-                .zip(&keys)
-                .filter(|(h, k)| self.cache.get(*h).is_none_or(|(old, _)| old != *k))
-                .map(|(h, _)| h.clone())
-                .collect();
-        }
+            names.clone()
+        };
         self.global = Some(global);
+        self.vms = vms;
         self.rules = rules;
-        let t4 = t0.elapsed();
+        let t3 = t0.elapsed();
         self.last_recomputed = stale.len();
         let mut fresh: HashMap<String, Arc<HostOutput>> = stale
             .iter()
             .cloned()
-            .zip(compile_hosts(res, &stale).into_iter().map(Arc::new))
+            .zip(compile_hosts_in(res, &stale, &sh).into_iter().map(Arc::new))
             .collect();
-        for (host, key) in names.into_iter().zip(keys) {
+        let t4 = t0.elapsed();
+        let mut hosts = BTreeMap::new();
+        let mut total = Sha256::new();
+        let mut next = HashMap::new();
+        for host in names {
             let out = match fresh.remove(&host) {
                 Some(o) => o,
                 None => match self.cache.remove(&host) {
-                    Some((_, o)) => o,
+                    Some(o) => o,
                     None => Arc::new(compile_host(res, &host)),
                 },
             };
             total.update(host.as_bytes());
             total.update([0]);
             total.update(out.revision.as_bytes());
-            next.insert(host.clone(), (key, out.clone()));
+            next.insert(host.clone(), out.clone());
             hosts.insert(host, out);
         }
         self.cache = next;
         if timing {
             eprintln!(
-                "incremental: sets {t1:?}, global {:?}, rules {:?}, keys {:?}, compile+assemble {:?}",
+                "incremental: shared tables + global {t1:?}, VM and rule hashes {:?}, stale hosts {:?}, compile {:?} ({} hosts), assemble {:?}",
                 t2 - t1,
                 t3 - t2,
                 t4 - t3,
+                self.last_recomputed,
                 t0.elapsed() - t4
             );
         }
