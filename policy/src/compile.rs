@@ -23,7 +23,10 @@ pub(crate) struct Fx(u64);
 
 impl std::hash::Hasher for Fx {
     fn finish(&self) -> u64 {
-        self.0
+        // The multiply leaves the low bits (hashbrown's bucket index) depending only on the
+        // inputs' low bits, e.g. the constant first octet of addresses: mix high into low.
+        let x = (self.0 ^ (self.0 >> 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^ (x >> 29)
     }
     fn write(&mut self, bytes: &[u8]) {
         for c in bytes.chunks(8) {
@@ -169,10 +172,50 @@ pub(crate) fn hex(b: &[u8]) -> String {
 
 /// Canonical byte encoding of a host's tables (the input of the revision hash).
 pub fn canonical_bytes(t: &HostTables) -> Vec<u8> {
-    let mut b = Vec::new();
-    encode_head(t, &mut b);
-    encode_rules(&t.rules, &mut b);
-    b
+    let mut e = Enc {
+        b: Vec::new(),
+        h: None,
+    };
+    encode_head(t, &mut e);
+    encode_rules(&t.rules, &mut e.b);
+    e.b
+}
+
+/// sha256 of [`canonical_bytes`], with the rules section already encoded.
+fn revision_of(t: &HostTables, rules_enc: &[u8]) -> String {
+    let mut h = Sha256::new();
+    let mut e = Enc {
+        b: Vec::with_capacity(ENC_CHUNK + 256),
+        h: Some(&mut h),
+    };
+    encode_head(t, &mut e);
+    let rest = std::mem::take(&mut e.b);
+    h.update(&rest);
+    h.update(rules_enc);
+    hex(&h.finalize())
+}
+
+const ENC_CHUNK: usize = 1 << 16;
+
+/// Encoder output: kept whole, or handed to a hasher in chunks (no megabyte buffer per host).
+struct Enc<'h> {
+    b: Vec<u8>,
+    h: Option<&'h mut Sha256>,
+}
+
+impl Enc<'_> {
+    fn put(&mut self, x: &[u8]) {
+        self.b.extend_from_slice(x);
+    }
+    /// Called between records: flushes a full chunk to the hasher.
+    fn flush(&mut self) {
+        if self.b.len() >= ENC_CHUNK {
+            if let Some(h) = self.h.as_mut() {
+                h.update(&self.b);
+                self.b.clear();
+            }
+        }
+    }
 }
 
 fn encode_str(b: &mut Vec<u8>, x: &str) {
@@ -189,52 +232,57 @@ fn encode_rules(rules: &[String], b: &mut Vec<u8>) {
 }
 
 /// Everything of the canonical encoding but the rules section.
-fn encode_head(t: &HostTables, b: &mut Vec<u8>) {
-    let ip = |b: &mut Vec<u8>, a: &IpAddr| match a {
+fn encode_head(t: &HostTables, e: &mut Enc) {
+    let ip = |e: &mut Enc, a: &IpAddr| match a {
         IpAddr::V4(v) => {
-            b.push(4);
-            b.extend(v.octets());
+            e.put(&[4]);
+            e.put(&v.octets());
         }
         IpAddr::V6(v) => {
-            b.push(6);
-            b.extend(v.octets());
+            e.put(&[6]);
+            e.put(&v.octets());
         }
     };
-    b.reserve(64 + t.policy.len() * 20 + t.ipcache.len() * 22);
-    b.extend(b"bulkhead-tables-v1");
-    b.extend((t.endpoints.len() as u32).to_le_bytes());
-    for e in &t.endpoints {
-        encode_str(b, &e.id);
-        b.extend(e.mac);
-        b.extend((e.addrs.len() as u32).to_le_bytes());
-        for a in &e.addrs {
-            ip(b, a);
+    e.put(b"bulkhead-tables-v1");
+    e.put(&(t.endpoints.len() as u32).to_le_bytes());
+    for ep in &t.endpoints {
+        encode_str(&mut e.b, &ep.id);
+        e.put(&ep.mac);
+        e.put(&(ep.addrs.len() as u32).to_le_bytes());
+        for a in &ep.addrs {
+            ip(e, a);
         }
-        b.extend(e.flags.to_le_bytes());
+        e.put(&ep.flags.to_le_bytes());
+        e.flush();
     }
-    b.extend((t.ipcache.len() as u32).to_le_bytes());
-    for e in &t.ipcache {
-        ip(b, &e.addr);
-        b.push(e.prefix_len);
-        b.extend(e.identity.to_le_bytes());
+    e.put(&(t.ipcache.len() as u32).to_le_bytes());
+    for c in &t.ipcache {
+        ip(e, &c.addr);
+        e.put(&[c.prefix_len]);
+        e.put(&c.identity.to_le_bytes());
+        e.flush();
     }
-    b.extend((t.port_classes.len() as u32).to_le_bytes());
+    e.put(&(t.port_classes.len() as u32).to_le_bytes());
     for r in &t.port_classes {
-        b.extend(r.kind.to_le_bytes());
-        b.extend(r.first.to_le_bytes());
-        b.extend(r.last.to_le_bytes());
-        b.extend(r.class.to_le_bytes());
+        e.put(&r.kind.to_le_bytes());
+        e.put(&r.first.to_le_bytes());
+        e.put(&r.last.to_le_bytes());
+        e.put(&r.class.to_le_bytes());
+        e.flush();
     }
-    b.extend((t.policy.len() as u32).to_le_bytes());
+    e.put(&(t.policy.len() as u32).to_le_bytes());
     for (k, v) in &t.policy {
-        b.extend(k.slot.to_le_bytes());
-        b.push(k.direction);
-        b.extend(k.identity.to_le_bytes());
-        b.push(k.proto);
-        b.extend(k.port_class.to_le_bytes());
-        b.push(v.action);
-        b.push(v.flags);
-        b.extend(v.rule.to_le_bytes());
+        let mut r = [0u8; 21];
+        r[0..4].copy_from_slice(&k.slot.to_le_bytes());
+        r[4] = k.direction;
+        r[5..9].copy_from_slice(&k.identity.to_le_bytes());
+        r[9] = k.proto;
+        r[10..14].copy_from_slice(&k.port_class.to_le_bytes());
+        r[14] = v.action;
+        r[15] = v.flags;
+        r[16..20].copy_from_slice(&v.rule.to_le_bytes());
+        e.put(&r[..20]);
+        e.flush();
     }
 }
 
@@ -663,85 +711,104 @@ fn compile_host_in(res: &Resolved, host: &str, sh: &Shared) -> HostOutput {
         .enumerate()
         .map(|(i, &s)| (s, i as u32))
         .collect();
-    // prefix → annotations (local set, block, is_except)
-    let mut ann: FxMap<Net, Vec<(u32, u32, bool)>> = FxMap::default();
-    ann.entry(Net::all_v4()).or_default();
-    ann.entry(Net::all_v6()).or_default();
+    // Every prefix the used sets mention (plus both default routes) in (length, prefix)
+    // order, each with its annotations (local set, block, is_except): `ann[at[i]..at[i + 1]]`.
+    let mut raw: Vec<(u8, Net, u32, u32, bool)> = vec![
+        (0, Net::all_v4(), u32::MAX, 0, false),
+        (0, Net::all_v6(), u32::MAX, 0, false),
+    ];
     for (li, &s) in used.iter().enumerate() {
         for (bi, (n, ex)) in res.sets[s].blocks.iter().enumerate() {
-            ann.entry(*n)
-                .or_default()
-                .push((li as u32, bi as u32, false));
-            for e in ex {
-                ann.entry(*e)
-                    .or_default()
-                    .push((li as u32, bi as u32, true));
-            }
+            raw.push((n.len, *n, li as u32, bi as u32, false));
+            raw.extend(ex.iter().map(|e| (e.len, *e, li as u32, bi as u32, true)));
         }
     }
-    let mut prefixes: Vec<Net> = ann.keys().copied().collect();
+    raw.sort_unstable();
+    let mut prefixes: Vec<Net> = Vec::new();
+    let mut at: Vec<usize> = Vec::new();
+    let mut ann: Vec<(u32, u32, bool)> = Vec::with_capacity(raw.len());
+    for &(_, n, s, b, ex) in &raw {
+        if prefixes.last() != Some(&n) {
+            prefixes.push(n);
+            at.push(ann.len());
+        }
+        // The default routes' placeholders carry no annotation.
+        if s != u32::MAX {
+            ann.push((s, b, ex));
+        }
+    }
+    at.push(ann.len());
+    drop(raw);
+    let index: FxMap<Net, u32> = prefixes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (*n, i as u32))
+        .collect();
     // Prefix lengths present per family: ancestors are looked up only at these lengths.
     let lens: [Vec<u8>; 2] = {
-        let mut l4: BTreeSet<u8> = BTreeSet::new();
-        let mut l6: BTreeSet<u8> = BTreeSet::new();
+        let mut l = [Vec::new(), Vec::new()];
         for p in &prefixes {
-            if p.is_v4() {
-                l4.insert(p.len);
-            } else {
-                l6.insert(p.len);
-            }
+            l[usize::from(!p.is_v4())].push(p.len);
         }
-        [l4.into_iter().collect(), l6.into_iter().collect()]
+        l.iter_mut().for_each(|v| v.dedup());
+        l
     };
-    prefixes.sort_unstable_by(|a, b| (a.len, a).cmp(&(b.len, b)));
     let mut id_of_members: FxMap<Vec<u32>, u32> = FxMap::default();
     let mut members: Vec<Vec<u32>> = vec![vec![]]; // index = identity; 0 unused
     let mut ipcache = Vec::new();
-    let mut kept: FxMap<Net, u32> = FxMap::default();
+    // Per prefix: its identity if it got an ipcache entry, else 0.
+    let mut kept: Vec<u32> = vec![0; prefixes.len()];
     let mut pos: Vec<(u32, u32)> = Vec::new();
     let mut neg: Vec<(u32, u32)> = Vec::new();
-    for x in &prefixes {
+    let mut m: Vec<u32> = Vec::new();
+    for (i, x) in prefixes.iter().enumerate() {
         pos.clear();
         neg.clear();
+        // Nearest ancestor with an ipcache entry (LPM parent).
+        let mut parent = 0;
         let fam = &lens[usize::from(!x.is_v4())];
         for &l in fam.iter().take_while(|&&l| l <= x.len) {
-            let a = Net::new(x.addr, l);
-            if let Some(v) = ann.get(&a) {
-                for &(s, b, ex) in v {
-                    if ex {
-                        neg.push((s, b));
-                    } else {
-                        pos.push((s, b));
-                    }
+            let j = if l == x.len {
+                i
+            } else {
+                match index.get(&Net::new(x.addr, l)) {
+                    Some(&j) => j as usize,
+                    None => continue,
+                }
+            };
+            if j != i && kept[j] != 0 {
+                parent = kept[j];
+            }
+            for &(s, b, ex) in &ann[at[j]..at[j + 1]] {
+                if ex {
+                    neg.push((s, b));
+                } else {
+                    pos.push((s, b));
                 }
             }
         }
         pos.sort_unstable();
         pos.dedup();
         neg.sort_unstable();
-        let mut m: Vec<u32> = pos
-            .iter()
-            .filter(|sb| neg.binary_search(sb).is_err())
-            .map(|&(s, _)| s)
-            .collect();
+        m.clear();
+        m.extend(
+            pos.iter()
+                .filter(|sb| neg.binary_search(sb).is_err())
+                .map(|&(s, _)| s),
+        );
         m.dedup();
-        let id = match id_of_members.get(&m) {
+        let id = match id_of_members.get(m.as_slice()) {
             Some(&id) => id,
             None => {
                 let id = members.len() as u32;
                 id_of_members.insert(m.clone(), id);
-                members.push(m);
+                members.push(m.clone());
                 id
             }
         };
         // Drop entries that resolve to the same identity as their LPM parent.
-        let parent = fam
-            .iter()
-            .rev()
-            .filter(|&&l| l < x.len)
-            .find_map(|&l| kept.get(&Net::new(x.addr, l)).copied());
-        if parent != Some(id) {
-            kept.insert(*x, id);
+        if parent != id {
+            kept[i] = id;
             ipcache.push(IpcacheEntry {
                 addr: x.addr,
                 prefix_len: x.len,
@@ -776,14 +843,27 @@ fn compile_host_in(res: &Resolved, host: &str, sh: &Shared) -> HostOutput {
         range_pos: pc.range_positions(),
         ranges: pc.ranges.clone(),
     };
-    // (4) decisions per distinct list, then stamped onto each endpoint.
+    // (4) decisions per distinct list, then stamped onto each endpoint. Templates are sorted
+    // by (identity, class, proto) so that merging a slot's two directions yields key order.
     let templates: Vec<Vec<(u32, u8, u32, Verdict)>> = distinct
         .iter()
-        .map(|&d| list_template(&ctx, &lists[d]))
+        .map(|&d| {
+            let mut t = list_template(&ctx, &lists[d]);
+            t.sort_unstable_by_key(|&(id, proto, class, _)| (id, class, proto));
+            t
+        })
         .collect();
     let mut endpoints = Vec::new();
     let mut slots = Vec::new();
-    let mut policy = Vec::new();
+    let mut policy = Vec::with_capacity(
+        vms.iter()
+            .enumerate()
+            .map(|(vi, &v)| {
+                res.vms[v].interfaces.len()
+                    * (templates[list_of[2 * vi]].len() + templates[list_of[2 * vi + 1]].len())
+            })
+            .sum(),
+    );
     for (vi, &v) in vms.iter().enumerate() {
         let vm = &res.vms[v];
         let shared: Vec<IpAddr> = vm
@@ -810,16 +890,19 @@ fn compile_host_in(res: &Resolved, host: &str, sh: &Shared) -> HostOutput {
                 flags,
             });
             slots.push((v, ii));
-            for (di, dir) in [DIR_EGRESS, DIR_INGRESS].into_iter().enumerate() {
-                let t = &templates[list_of[2 * vi + di]];
-                policy.extend(t.iter().map(|&(id, proto, class, verdict)| {
-                    (PolicyKey::new(0, slot, dir, id, proto, class), verdict)
-                }));
-            }
+            let key = |dir: u8, &(id, proto, class, verdict): &(u32, u8, u32, Verdict)| {
+                (PolicyKey::new(0, slot, dir, id, proto, class), verdict)
+            };
+            let eg = templates[list_of[2 * vi]]
+                .iter()
+                .map(|t| key(DIR_EGRESS, t));
+            let ing = templates[list_of[2 * vi + 1]]
+                .iter()
+                .map(|t| key(DIR_INGRESS, t));
+            merge_into(&mut policy, eg, ing);
         }
     }
-    // Keys are unique, so an unstable sort is deterministic.
-    policy.sort_unstable_by_key(|a: &(PolicyKey, Verdict)| a.0);
+    debug_assert!(policy.windows(2).all(|w| w[0].0 < w[1].0));
     let tables = HostTables {
         endpoints,
         ipcache,
@@ -827,16 +910,29 @@ fn compile_host_in(res: &Resolved, host: &str, sh: &Shared) -> HostOutput {
         policy,
         rules: sh.rule_ids.clone(),
     };
-    let mut head = Vec::new();
-    encode_head(&tables, &mut head);
-    let mut h = Sha256::new();
-    h.update(&head);
-    h.update(&sh.rules_enc);
-    let revision = hex(&h.finalize());
+    let revision = revision_of(&tables, &sh.rules_enc);
     HostOutput {
         tables,
         revision,
         slots,
+    }
+}
+
+/// Append the merge of two key-sorted runs (keys never equal: they differ in direction).
+fn merge_into(
+    out: &mut Vec<(PolicyKey, Verdict)>,
+    a: impl Iterator<Item = (PolicyKey, Verdict)>,
+    b: impl Iterator<Item = (PolicyKey, Verdict)>,
+) {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    loop {
+        let take_a = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => x.0 < y.0,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        out.extend(if take_a { a.next() } else { b.next() });
     }
 }
 
