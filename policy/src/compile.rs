@@ -88,36 +88,85 @@ pub fn compile(res: &Resolved) -> Compiled {
 
 /// What every host of one compile shares, computed once.
 pub(crate) struct Shared<'a> {
+    res: &'a Resolved,
     default: Verdict,
-    rule_ids: Vec<String>,
     /// The rules section of [`canonical_bytes`]: identical on every host, so encoded once.
     rules_enc: Vec<u8>,
-    /// Host → its VMs sorted by name.
-    by_host: HashMap<&'a str, Vec<usize>>,
+    /// Host → its VMs sorted by name; built on first use (an incremental compile may need
+    /// no host at all).
+    by_host: std::sync::OnceLock<HashMap<&'a str, Vec<usize>>>,
 }
 
 impl<'a> Shared<'a> {
     pub(crate) fn new(res: &'a Resolved) -> Shared<'a> {
-        let rule_ids = res.rule_ids();
         let mut rules_enc = Vec::new();
-        encode_rules(&rule_ids, &mut rules_enc);
-        let mut by_host: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (i, vm) in res.vms.iter().enumerate() {
-            by_host.entry(vm.host.as_str()).or_default().push(i);
-        }
-        for v in by_host.values_mut() {
-            v.sort_by(|&a, &b| res.vms[a].name.cmp(&res.vms[b].name));
-        }
+        encode_rule_ids(res, &mut rules_enc);
         Shared {
+            res,
             default: default_verdict(res),
-            rule_ids,
             rules_enc,
-            by_host,
+            by_host: std::sync::OnceLock::new(),
         }
     }
 
     pub(crate) fn rules_enc(&self) -> &[u8] {
         &self.rules_enc
+    }
+
+    fn vms_of(&self, host: &str) -> &[usize] {
+        let res = self.res;
+        let m = self.by_host.get_or_init(|| {
+            let mut m: HashMap<&str, Vec<usize>> = HashMap::new();
+            for (i, vm) in res.vms.iter().enumerate() {
+                m.entry(vm.host.as_str()).or_default().push(i);
+            }
+            for v in m.values_mut() {
+                v.sort_by(|&a, &b| res.vms[a].name.cmp(&res.vms[b].name));
+            }
+            m
+        });
+        m.get(host).map_or(&[], |v| v.as_slice())
+    }
+}
+
+/// Orders like `IpAddr` (IPv4 first, then numerically).
+fn addr_key(a: &IpAddr) -> (u8, u128) {
+    match a {
+        IpAddr::V4(v) => (4, u128::from(u32::from(*v))),
+        IpAddr::V6(v) => (6, u128::from(*v)),
+    }
+}
+
+/// Sorts like `(len, Net)`.
+type NetKey = (u8, (u8, u128));
+
+fn net_key(n: &Net) -> NetKey {
+    (n.len, addr_key(&n.addr))
+}
+
+/// `encode_rules(&res.rule_ids())` without building the strings.
+fn encode_rule_ids(res: &Resolved, b: &mut Vec<u8>) {
+    let n = 1 + res.system.len() + res.quarantine.len() + res.rules.len();
+    b.reserve(
+        4 * (n + 1)
+            + 64 * (res.system.len() + res.quarantine.len())
+            + res.rules.iter().map(|r| r.id.len()).sum::<usize>(),
+    );
+    b.extend((n as u32).to_le_bytes());
+    let mut put = |parts: &[&str]| {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        b.extend((len as u32).to_le_bytes());
+        parts.iter().for_each(|p| b.extend(p.as_bytes()));
+    };
+    put(&["default"]);
+    for s in &res.system {
+        put(&["system/", &s.name]);
+    }
+    for q in &res.quarantine {
+        put(&["quarantine/", &res.vms[q.vm].name]);
+    }
+    for r in &res.rules {
+        put(&[&r.id]);
     }
 }
 
@@ -673,8 +722,7 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
 
 fn compile_host_in(res: &Resolved, host: &str, sh: &Shared) -> HostOutput {
     let default = sh.default;
-    static NONE: Vec<usize> = Vec::new();
-    let vms: &Vec<usize> = sh.by_host.get(host).unwrap_or(&NONE);
+    let vms = sh.vms_of(host);
     // (1) entry lists; VMs with equal lists (same policies) share the work below.
     let lists: Vec<Vec<Entry>> = vms
         .iter()
@@ -713,17 +761,21 @@ fn compile_host_in(res: &Resolved, host: &str, sh: &Shared) -> HostOutput {
         .collect();
     // Every prefix the used sets mention (plus both default routes) in (length, prefix)
     // order, each with its annotations (local set, block, is_except): `ann[at[i]..at[i + 1]]`.
-    let mut raw: Vec<(u8, Net, u32, u32, bool)> = vec![
-        (0, Net::all_v4(), u32::MAX, 0, false),
-        (0, Net::all_v6(), u32::MAX, 0, false),
+    // Sorted by an integer key (comparing `IpAddr`s is slow) in (length, prefix) order.
+    let mut raw: Vec<(NetKey, Net, u32, u32, bool)> = vec![
+        (net_key(&Net::all_v4()), Net::all_v4(), u32::MAX, 0, false),
+        (net_key(&Net::all_v6()), Net::all_v6(), u32::MAX, 0, false),
     ];
     for (li, &s) in used.iter().enumerate() {
         for (bi, (n, ex)) in res.sets[s].blocks.iter().enumerate() {
-            raw.push((n.len, *n, li as u32, bi as u32, false));
-            raw.extend(ex.iter().map(|e| (e.len, *e, li as u32, bi as u32, true)));
+            raw.push((net_key(n), *n, li as u32, bi as u32, false));
+            raw.extend(
+                ex.iter()
+                    .map(|e| (net_key(e), *e, li as u32, bi as u32, true)),
+            );
         }
     }
-    raw.sort_unstable();
+    raw.sort_unstable_by_key(|&(k, _, s, b, ex)| (k, s, b, ex));
     let mut prefixes: Vec<Net> = Vec::new();
     let mut at: Vec<usize> = Vec::new();
     let mut ann: Vec<(u32, u32, bool)> = Vec::with_capacity(raw.len());
@@ -816,7 +868,8 @@ fn compile_host_in(res: &Resolved, host: &str, sh: &Shared) -> HostOutput {
             });
         }
     }
-    ipcache.sort_unstable();
+    // = `sort()` ((address, length) order; no two entries share both), on integer keys.
+    ipcache.sort_unstable_by_key(|e| (addr_key(&e.addr), e.prefix_len));
     let nids = members.len() as u32 - 1;
     // inverted index: local set → identities containing it
     let mut inv: Vec<Vec<u32>> = vec![vec![]; used.len()];
@@ -908,7 +961,7 @@ fn compile_host_in(res: &Resolved, host: &str, sh: &Shared) -> HostOutput {
         ipcache,
         port_classes: pc.table,
         policy,
-        rules: sh.rule_ids.clone(),
+        rules: res.rule_ids(),
     };
     let revision = revision_of(&tables, &sh.rules_enc);
     HostOutput {
@@ -956,5 +1009,21 @@ fn emit(out: &mut Vec<(u32, u8, u32, Verdict)>, id: u32, s: &IdStruct) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_ids_encoded_without_strings_match_the_table() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let (_, res) = crate::load_dir(&dir, None).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!res.quarantine.is_empty() && !res.system.is_empty());
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        encode_rule_ids(&res, &mut a);
+        encode_rules(&res.rule_ids(), &mut b);
+        assert_eq!(a, b);
     }
 }
