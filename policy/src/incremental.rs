@@ -1,202 +1,257 @@
 //! Incremental compilation: a host's tables are recomputed only when inputs that host
-//! depends on change. Those inputs are hashed in three parts: global (rule-id table, default
-//! action, tiers, system endpoints: a change recompiles everything), per VM (name, host,
-//! interfaces, addresses, flags, quarantine) and per rule (what its entries read, with the
-//! *contents* of its address sets and services, and whom it applies to or is reflected onto).
-//! A changed VM stales its old and new host; a changed rule the hosts of the VMs it reaches
-//! before and after the change.
+//! depends on change. Those inputs are kept, packed into bytes, in three parts and compared
+//! exactly with the previous call's: global (rule-id table, default action, tiers, system
+//! endpoints: a change recompiles everything), per VM (name, host, interfaces, addresses,
+//! flags, quarantine) and per rule (what its entries read, with sha256 digests of its address
+//! sets' *contents*, its services, and whom it applies to or is reflected onto). A changed VM
+//! stales its old and new host; a changed rule the hosts of the VMs it reaches before and
+//! after the change.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
 use crate::compile::{compile_host, compile_hosts_in, hex, Compiled, HostOutput, Shared};
-use crate::load::Resolved;
+use crate::load::{Resolved, SvcSet};
 
 #[derive(Default)]
 pub struct Incremental {
     cache: HashMap<String, Arc<HostOutput>>,
     /// Hosts recomputed by the last call.
     pub last_recomputed: usize,
-    /// See [`global_fingerprint`]; a change recompiles every host.
-    global: Option<[u8; 32]>,
-    /// Per VM index: its hash and host.
-    vms: Vec<([u8; 32], String)>,
-    rules: RuleState,
     /// Whether the last call could limit itself to the hosts of changed VMs and rules
     /// (same rule-id table and settings).
     pub last_fast_path: bool,
+    prev: Option<Inputs>,
 }
 
-fn net_bytes(h: &mut Sha256, n: &crate::net::Net) {
-    match n.addr {
-        std::net::IpAddr::V4(a) => h.update(a.octets()),
-        std::net::IpAddr::V6(a) => h.update(a.octets()),
+/// Variable-length items in one buffer: item `i` is `bytes[off[i]..off[i + 1]]`.
+struct Packed<T> {
+    bytes: Vec<T>,
+    off: Vec<usize>,
+}
+
+impl<T: PartialEq> Packed<T> {
+    fn with_capacity(items: usize, bytes: usize) -> Self {
+        let mut off = Vec::with_capacity(items + 1);
+        off.push(0);
+        Packed {
+            bytes: Vec::with_capacity(bytes),
+            off,
+        }
     }
-    h.update([n.len]);
+    fn end_item(&mut self) {
+        self.off.push(self.bytes.len());
+    }
+    fn len(&self) -> usize {
+        self.off.len() - 1
+    }
+    fn get(&self, i: usize) -> Option<&[T]> {
+        (i < self.len()).then(|| &self.bytes[self.off[i]..self.off[i + 1]])
+    }
 }
 
-fn set_hashes(res: &Resolved) -> Vec<[u8; 32]> {
-    res.sets
-        .iter()
-        .map(|s| {
-            let mut h = Sha256::new();
-            for (n, ex) in &s.blocks {
-                net_bytes(&mut h, n);
-                h.update((ex.len() as u32).to_le_bytes());
-                for e in ex {
-                    net_bytes(&mut h, e);
-                }
-            }
-            h.finalize().into()
-        })
-        .collect()
+/// Everything `compile_host` reads, in comparable form.
+struct Inputs {
+    global: Vec<u8>,
+    /// Distinct host names, sorted; `vm_host` indexes it.
+    hosts: Vec<String>,
+    vm_host: Vec<u32>,
+    vms: Packed<u8>,
+    rules: Packed<u8>,
+    /// Per rule: the VMs it applies to, then those it names as peers.
+    rule_vms: Packed<u32>,
 }
 
-fn svc_bytes(h: &mut Sha256, svc: &crate::load::SvcSet) {
-    h.update((svc.len() as u32).to_le_bytes());
+fn put_ip(b: &mut Vec<u8>, a: &IpAddr) {
+    match a {
+        IpAddr::V4(x) => {
+            b.push(4);
+            b.extend(x.octets());
+        }
+        IpAddr::V6(x) => {
+            b.push(6);
+            b.extend(x.octets());
+        }
+    }
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    b.extend((s.len() as u32).to_le_bytes());
+    b.extend(s.as_bytes());
+}
+
+fn put_svc(b: &mut Vec<u8>, svc: &SvcSet) {
+    b.extend((svc.len() as u32).to_le_bytes());
     for s in svc {
-        h.update([
+        let (lo, hi) = s.range.unwrap_or((0, 0));
+        b.extend([
             s.proto.unwrap_or(0),
             u8::from(s.proto.is_some()),
             u8::from(s.range.is_some()),
         ]);
-        let (a, b) = s.range.unwrap_or((0, 0));
-        h.update(a.to_le_bytes());
-        h.update(b.to_le_bytes());
+        b.extend(lo.to_le_bytes());
+        b.extend(hi.to_le_bytes());
     }
 }
 
-/// What `compile_host` reads that is the same on every host: the rule-id table (which also
-/// fixes the rule indices), the default action, tiers and system endpoints.
-fn global_fingerprint(res: &Resolved, rules_enc: &[u8], set_hash: &[[u8; 32]]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(rules_enc);
-    h.update(format!("{:?}{:?}", res.default_action, res.tiers));
-    h.update((res.system.len() as u32).to_le_bytes());
-    for s in &res.system {
-        h.update((s.name.len() as u32).to_le_bytes());
-        h.update(s.name.as_bytes());
-        h.update(set_hash[s.set]);
-        svc_bytes(&mut h, &s.svc);
-    }
-    h.finalize().into()
-}
-
-/// Per VM: everything its host's tables read of it besides the rules (name, host,
-/// interfaces, addresses, flags, its quarantine).
-fn vm_hashes(res: &Resolved, set_hash: &[[u8; 32]]) -> Vec<[u8; 32]> {
-    let mut quar: Vec<Vec<usize>> = vec![Vec::new(); res.vms.len()];
-    for (i, q) in res.quarantine.iter().enumerate() {
-        if let Some(v) = quar.get_mut(q.vm) {
-            v.push(i);
-        }
-    }
-    let ip = |b: &mut Vec<u8>, a: &std::net::IpAddr| match a {
-        std::net::IpAddr::V4(x) => {
-            b.push(4);
-            b.extend(x.octets());
-        }
-        std::net::IpAddr::V6(x) => {
-            b.push(6);
-            b.extend(x.octets());
-        }
-    };
+/// sha256 of each address set's contents (sets are shared by many rules: digested once).
+fn set_hashes(res: &Resolved) -> Vec<[u8; 32]> {
     let mut b = Vec::new();
-    res.vms
+    res.sets
         .iter()
-        .enumerate()
-        .map(|(v, vm)| {
+        .map(|s| {
             b.clear();
-            for s in [&vm.name, &vm.host] {
-                b.extend((s.len() as u32).to_le_bytes());
-                b.extend(s.as_bytes());
-            }
-            b.push(u8::from(vm.infra_server));
-            b.push(u8::from(res.monitor_vms.contains(&v)));
-            b.extend((vm.interfaces.len() as u32).to_le_bytes());
-            for (mac, ips) in &vm.interfaces {
-                b.extend(mac);
-                b.extend((ips.len() as u32).to_le_bytes());
-                ips.iter().for_each(|a| ip(&mut b, a));
-            }
-            b.extend((vm.addrs.len() as u32).to_le_bytes());
-            vm.addrs.iter().for_each(|a| ip(&mut b, a));
-            b.extend((quar[v].len() as u32).to_le_bytes());
-            for &q in &quar[v] {
-                let q_ = &res.quarantine[q];
-                b.extend((q as u32).to_le_bytes());
-                b.push(u8::from(q_.full));
-                b.extend(set_hash[q_.allow]);
+            for (n, ex) in &s.blocks {
+                put_ip(&mut b, &n.addr);
+                b.push(n.len);
+                b.extend((ex.len() as u32).to_le_bytes());
+                for e in ex {
+                    put_ip(&mut b, &e.addr);
+                    b.push(e.len);
+                }
             }
             Sha256::digest(&b).into()
         })
         .collect()
 }
 
-/// Per rule: a hash of everything an entry of it reads (and of whom it applies to or is
-/// reflected onto), and the VMs whose lists hold it, flattened (`vms[off[i]..off[i + 1]]`).
-#[derive(Default)]
-struct RuleState {
-    hash: Vec<[u8; 32]>,
-    off: Vec<usize>,
-    vms: Vec<u32>,
-}
+impl Inputs {
+    fn new(res: &Resolved, rules_enc: &[u8]) -> Inputs {
+        let set_hash = set_hashes(res);
+        let mut global = Vec::with_capacity(rules_enc.len() + 256);
+        global.extend_from_slice(rules_enc);
+        put_str(&mut global, &format!("{:?}", res.default_action));
+        global.extend((res.tiers.len() as u32).to_le_bytes());
+        res.tiers.iter().for_each(|t| put_str(&mut global, t));
+        global.extend((res.system.len() as u32).to_le_bytes());
+        for s in &res.system {
+            put_str(&mut global, &s.name);
+            global.extend(set_hash[s.set]);
+            put_svc(&mut global, &s.svc);
+        }
 
-fn rule_state(res: &Resolved, set_hash: &[[u8; 32]]) -> RuleState {
-    let mut st = RuleState {
-        hash: Vec::with_capacity(res.rules.len()),
-        off: vec![0],
-        vms: Vec::new(),
-    };
-    let mut b = Vec::new();
-    for r in &res.rules {
-        b.clear();
-        b.extend((r.tier as u32).to_le_bytes());
-        b.extend(r.priority.to_le_bytes());
-        b.extend((r.pos as u32).to_le_bytes());
-        b.extend([
-            r.dir,
-            r.action as u8,
-            u8::from(r.monitor),
-            u8::from(r.log),
-            u8::from(r.symmetric),
-        ]);
-        for l in [&r.applies, &r.peer_vms] {
-            b.extend((l.len() as u32).to_le_bytes());
-            for v in l {
-                b.extend((*v as u32).to_le_bytes());
+        // Host numbers in first-seen order, then renumbered in name order.
+        let mut seen: crate::compile::FxMap<&str, u32> = Default::default();
+        let mut vm_host: Vec<u32> = res
+            .vms
+            .iter()
+            .map(|v| {
+                let n = seen.len() as u32;
+                *seen.entry(v.host.as_str()).or_insert(n)
+            })
+            .collect();
+        let mut hosts: Vec<(&str, u32)> = seen.into_iter().collect();
+        hosts.sort_unstable();
+        let mut rank = vec![0u32; hosts.len()];
+        for (r, &(_, n)) in hosts.iter().enumerate() {
+            rank[n as usize] = r as u32;
+        }
+        vm_host.iter_mut().for_each(|h| *h = rank[*h as usize]);
+        let mut quar: Vec<Vec<usize>> = vec![Vec::new(); res.vms.len()];
+        for (i, q) in res.quarantine.iter().enumerate() {
+            if let Some(v) = quar.get_mut(q.vm) {
+                v.push(i);
             }
         }
-        b.extend(set_hash[r.applies_set]);
-        b.extend(set_hash[r.peers]);
-        b.extend((r.svc.len() as u32).to_le_bytes());
-        for s in &r.svc {
-            let (lo, hi) = s.range.unwrap_or((0, 0));
+        let mut vms = Packed::with_capacity(res.vms.len(), 96 * res.vms.len());
+        for (v, vm) in res.vms.iter().enumerate() {
+            let b = &mut vms.bytes;
+            put_str(b, &vm.name);
+            put_str(b, &vm.host);
+            b.push(u8::from(vm.infra_server));
+            b.push(u8::from(res.monitor_vms.contains(&v)));
+            b.extend((vm.interfaces.len() as u32).to_le_bytes());
+            for (mac, ips) in &vm.interfaces {
+                b.extend(mac);
+                b.extend((ips.len() as u32).to_le_bytes());
+                ips.iter().for_each(|a| put_ip(b, a));
+            }
+            b.extend((vm.addrs.len() as u32).to_le_bytes());
+            vm.addrs.iter().for_each(|a| put_ip(b, a));
+            b.extend((quar[v].len() as u32).to_le_bytes());
+            for &q in &quar[v] {
+                let qr = &res.quarantine[q];
+                b.extend((q as u32).to_le_bytes());
+                b.push(u8::from(qr.full));
+                b.extend(set_hash[qr.allow]);
+            }
+            vms.end_item();
+        }
+
+        let n = res.rules.len();
+        let mut rules = Packed::with_capacity(n, 96 * n);
+        let nv = res.rules.iter().map(|r| r.applies.len() + r.peer_vms.len());
+        let mut rule_vms = Packed::with_capacity(n, nv.sum());
+        for r in &res.rules {
+            let b = &mut rules.bytes;
+            b.extend((r.tier as u32).to_le_bytes());
+            b.extend(r.priority.to_le_bytes());
+            b.extend((r.pos as u32).to_le_bytes());
             b.extend([
-                s.proto.unwrap_or(0),
-                u8::from(s.proto.is_some()),
-                u8::from(s.range.is_some()),
+                r.dir,
+                r.action as u8,
+                u8::from(r.monitor),
+                u8::from(r.log),
+                u8::from(r.symmetric),
             ]);
-            b.extend(lo.to_le_bytes());
-            b.extend(hi.to_le_bytes());
+            // Which of `rule_vms` are applied-to and which are peers.
+            b.extend((r.applies.len() as u32).to_le_bytes());
+            b.extend(set_hash[r.applies_set]);
+            b.extend(set_hash[r.peers]);
+            put_svc(b, &r.svc);
+            rules.end_item();
+            rule_vms
+                .bytes
+                .extend(r.applies.iter().chain(&r.peer_vms).map(|&v| v as u32));
+            rule_vms.end_item();
         }
-        st.hash.push(Sha256::digest(&b).into());
-        let start = st.vms.len();
-        st.vms
-            .extend(r.applies.iter().chain(&r.peer_vms).map(|&v| v as u32));
-        st.vms[start..].sort_unstable();
-        let mut n = start;
-        for i in start..st.vms.len() {
-            if i == start || st.vms[i] != st.vms[n - 1] {
-                st.vms[n] = st.vms[i];
-                n += 1;
+        Inputs {
+            global,
+            hosts: hosts.into_iter().map(|(h, _)| h.to_string()).collect(),
+            vm_host,
+            vms,
+            rules,
+            rule_vms,
+        }
+    }
+
+    fn host_of(&self, vm: u32) -> Option<&str> {
+        let h = *self.vm_host.get(vm as usize)?;
+        self.hosts.get(h as usize).map(|s| s.as_str())
+    }
+
+    /// Hosts whose inputs may differ between `self` (before) and `new`, if only VMs and
+    /// rules changed; `None` if something global did.
+    fn touched<'a>(&'a self, new: &'a Inputs) -> Option<BTreeSet<&'a str>> {
+        if self.global != new.global || self.rules.len() != new.rules.len() {
+            return None;
+        }
+        let mut touched = BTreeSet::new();
+        for v in 0..self.vms.len().max(new.vms.len()) {
+            if self.vms.get(v) != new.vms.get(v) {
+                touched.extend(self.host_of(v as u32));
+                touched.extend(new.host_of(v as u32));
             }
         }
-        st.vms.truncate(n);
-        st.off.push(n);
+        for i in 0..new.rules.len() {
+            let (was, is) = (self.rule_vms.get(i), new.rule_vms.get(i));
+            if self.rules.get(i) != new.rules.get(i) || was != is {
+                touched.extend(
+                    was.unwrap_or_default()
+                        .iter()
+                        .filter_map(|&v| self.host_of(v)),
+                );
+                touched.extend(
+                    is.unwrap_or_default()
+                        .iter()
+                        .filter_map(|&v| new.host_of(v)),
+                );
+            }
+        }
+        Some(touched)
     }
-    st
 }
 
 impl Incremental {
@@ -206,90 +261,54 @@ impl Incremental {
         let timing = std::env::var_os("BULKHEAD_TIMING").is_some();
         let t0 = std::time::Instant::now();
         let sh = Shared::new(res);
-        let set_hash = set_hashes(res);
-        let global = global_fingerprint(res, sh.rules_enc(), &set_hash);
+        let inputs = Inputs::new(res, sh.rules_enc());
         let t1 = t0.elapsed();
-        let vms: Vec<([u8; 32], String)> = vm_hashes(res, &set_hash)
-            .into_iter()
-            .zip(&res.vms)
-            .map(|(h, vm)| (h, vm.host.clone()))
+        let touched = self.prev.as_ref().and_then(|p| p.touched(&inputs));
+        self.last_fast_path = touched.is_some();
+        let stale: Vec<String> = inputs
+            .hosts
+            .iter()
+            .filter(|h| {
+                touched.as_ref().is_none_or(|t| t.contains(h.as_str()))
+                    || !self.cache.contains_key(*h)
+            })
+            .cloned()
             .collect();
-        let rules = rule_state(res, &set_hash);
+        drop(touched);
         let t2 = t0.elapsed();
-        let names: Vec<String> = res.hosts().into_iter().collect();
-        // Same rule-id table (so same rule indices) and settings: only the hosts of changed
-        // VMs and of the VMs changed rules reach (before or after) can differ.
-        let fast = self.global == Some(global) && self.rules.hash.len() == rules.hash.len();
-        self.last_fast_path = fast;
-        let stale: Vec<String> = if fast {
-            let mut touched: BTreeSet<&str> = BTreeSet::new();
-            for v in 0..vms.len().max(self.vms.len()) {
-                let (old, new) = (self.vms.get(v), vms.get(v));
-                if old.map(|o| o.0) != new.map(|n| n.0) {
-                    touched.extend(old.iter().chain(&new).map(|x| x.1.as_str()));
-                }
-            }
-            for (i, (old, new)) in self.rules.hash.iter().zip(&rules.hash).enumerate() {
-                if old != new {
-                    let was = &self.rules.vms[self.rules.off[i]..self.rules.off[i + 1]];
-                    let is = &rules.vms[rules.off[i]..rules.off[i + 1]];
-                    touched.extend(
-                        was.iter()
-                            .filter_map(|&v| self.vms.get(v as usize))
-                            .map(|x| x.1.as_str()),
-                    );
-                    touched.extend(
-                        is.iter()
-                            .filter_map(|&v| vms.get(v as usize))
-                            .map(|x| x.1.as_str()),
-                    );
-                }
-            }
-            names
-                .iter()
-                .filter(|h| touched.contains(h.as_str()) || !self.cache.contains_key(*h))
-                .cloned()
-                .collect()
-        } else {
-            names.clone()
-        };
-        self.global = Some(global);
-        self.vms = vms;
-        self.rules = rules;
-        let t3 = t0.elapsed();
         self.last_recomputed = stale.len();
         let mut fresh: HashMap<String, Arc<HostOutput>> = stale
             .iter()
             .cloned()
             .zip(compile_hosts_in(res, &stale, &sh).into_iter().map(Arc::new))
             .collect();
-        let t4 = t0.elapsed();
+        let t3 = t0.elapsed();
         let mut hosts = BTreeMap::new();
         let mut total = Sha256::new();
         let mut next = HashMap::new();
-        for host in names {
-            let out = match fresh.remove(&host) {
+        for host in &inputs.hosts {
+            let out = match fresh.remove(host) {
                 Some(o) => o,
-                None => match self.cache.remove(&host) {
+                None => match self.cache.remove(host) {
                     Some(o) => o,
-                    None => Arc::new(compile_host(res, &host)),
+                    None => Arc::new(compile_host(res, host)),
                 },
             };
             total.update(host.as_bytes());
             total.update([0]);
             total.update(out.revision.as_bytes());
             next.insert(host.clone(), out.clone());
-            hosts.insert(host, out);
+            hosts.insert(host.clone(), out);
         }
         self.cache = next;
+        self.prev = Some(inputs);
         if timing {
             eprintln!(
-                "incremental: shared tables + global {t1:?}, VM and rule hashes {:?}, stale hosts {:?}, compile {:?} ({} hosts), assemble {:?}",
+                "incremental: inputs {t1:?}, stale hosts {:?}, compile {:?} ({} hosts), assemble {:?}",
                 t2 - t1,
                 t3 - t2,
-                t4 - t3,
                 self.last_recomputed,
-                t0.elapsed() - t4
+                t0.elapsed() - t3
             );
         }
         Compiled {
