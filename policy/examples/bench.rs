@@ -1,6 +1,10 @@
 //! Generated large policy set: 10k VMs, 500 groups, 2k policies / 20k rules.
 //!
-//!   cargo run --release -p bulkhead-policy --example bench [-- VMS GROUPS POLICIES RULES_PER_POLICY HOSTS]
+//!   cargo run --release -p bulkhead-policy --example bench [-- VMS GROUPS POLICIES RULES_PER_POLICY HOSTS [--spread]]
+//!
+//! By default VM i runs on host i % HOSTS, so a host's VMs have only VMS/HOSTS/(VMS/GROUPS)
+//! distinct apps (5 at the default size) and share entry lists. `--spread` puts consecutive
+//! VMs on a host instead: every VM of a host has a different app (harder for the compiler).
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -57,6 +61,14 @@ fn main() {
     let rpp = *a.get(3).unwrap_or(&10);
     let nhosts = *a.get(4).unwrap_or(&100);
     let napps = ngroups; // one app label per group
+    let spread = std::env::args().any(|a| a == "--spread");
+    let host_of = |i: usize| {
+        if spread {
+            i * nhosts / nvm
+        } else {
+            i % nhosts
+        }
+    };
     let mut rng = Rng(0x9e3779b97f4a7c15);
     let roles = ["web", "app", "db"];
     let vms: Vec<Vm> = (0..nvm)
@@ -71,7 +83,7 @@ fn main() {
                     if i % 10 == 0 { "test" } else { "prod" }.to_string(),
                 ),
             ]),
-            host: format!("kvm-{:03}", i % nhosts),
+            host: format!("kvm-{:03}", host_of(i)),
             interfaces: vec![Interface {
                 mac: format!(
                     "52:54:00:{:02x}:{:02x}:{:02x}",
@@ -229,7 +241,7 @@ fn main() {
         .sum();
     let policy_yaml = serde_yaml::to_string(&file).unwrap();
     let inv_yaml = serde_yaml::to_string(&Inventory { vms }).unwrap();
-    println!("input: {nvm} VMs on {nhosts} hosts, {ngroups} groups, {} policies, {nrules} rules ({} KiB YAML)", file.policies.len(), (policy_yaml.len() + inv_yaml.len()) / 1024);
+    println!("input: {nvm} VMs on {nhosts} hosts{}, {ngroups} groups, {} policies, {nrules} rules ({} KiB YAML)", if spread { " (spread)" } else { "" }, file.policies.len(), (policy_yaml.len() + inv_yaml.len()) / 1024);
 
     let src = |t: &str, n: &str| Source::new(n, t);
     let (t0, c0) = (Instant::now(), cpu_ms());
