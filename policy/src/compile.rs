@@ -604,79 +604,41 @@ fn list_template(ctx: &HostCtx, list: &[Entry]) -> Vec<(u32, u8, u32, Verdict)> 
                 .collect()
         })
         .collect();
-    // Entry indices per identity, as one flat array (identity i: off[i]..off[i + 1]).
-    let n = ctx.nids as usize + 1;
-    let mut off = vec![0usize; n + 1];
-    for e in list {
-        if e.peers == usize::MAX {
-            off[2..].iter_mut().for_each(|c| *c += 1);
-        } else {
-            for &id in &ctx.inv[ctx.local[&e.peers] as usize] {
-                off[id as usize + 1] += 1;
-            }
-        }
-    }
-    for i in 1..=n {
-        off[i] += off[i - 1];
-    }
-    let mut flat = vec![0u32; off[n]];
-    let mut fill = off.clone();
+    // Entries with `any` peers match every identity; the others only the identities their peer
+    // set contains. So per identity only its specific entries are listed, as (identity, entry)
+    // pairs: the work is proportional to what the list names, not to the host's identities.
+    let any_js: Vec<u32> = (0..list.len() as u32)
+        .filter(|&j| list[j as usize].peers == usize::MAX)
+        .collect();
+    let mut pairs: Vec<(u32, u32)> = Vec::new();
     for (j, e) in list.iter().enumerate() {
-        let mut put = |id: usize| {
-            flat[fill[id]] = j as u32;
-            fill[id] += 1;
-        };
-        if e.peers == usize::MAX {
-            (1..n).for_each(&mut put);
-        } else {
-            for &id in &ctx.inv[ctx.local[&e.peers] as usize] {
-                put(id as usize);
-            }
+        if e.peers != usize::MAX {
+            let ids = &ctx.inv[ctx.local[&e.peers] as usize];
+            pairs.extend(ids.iter().map(|&id| (id, j as u32)));
         }
     }
-    // entry list → structure id; structures deduplicated by value.
+    pairs.sort_unstable();
+    let spec: Vec<u32> = pairs.iter().map(|&(_, j)| j).collect();
+    // specific entries → structure id; structures deduplicated by value.
     let mut memo: FxMap<&[u32], u32> = FxMap::default();
     let mut uniq: Vec<IdStruct> = vec![];
     let mut uniq_ids: FxMap<IdStruct, u32> = FxMap::default();
-    let mut structs: Vec<u32> = Vec::with_capacity(n);
-    for id in 1..n {
-        let ids = &flat[off[id]..off[id + 1]];
-        if let Some(&sid) = memo.get(ids) {
-            structs.push(sid);
-            continue;
-        }
-        let other_v = Walk::new(1).run(list, ids, |j| &other[j], ctx.default)[0];
-        let mut ps = Vec::new();
-        for (pi, &p) in ctx.protos.iter().enumerate() {
-            let m = &per_proto[pi];
-            let p2 = match port_kind(p) {
-                None => P2::Plain(Walk::new(1).run(list, ids, |j| &m[j], ctx.default)[0]),
-                Some(k) => {
-                    let cls = &ctx.kind_classes[k as usize];
-                    let vs = Walk::new(cls.len()).run(list, ids, |j| &m[j], ctx.default);
-                    let v0 = vs[0];
-                    let diff: Vec<(u32, Verdict)> = cls
-                        .iter()
-                        .zip(vs)
-                        .filter(|(_, v)| *v != v0)
-                        .map(|(&c, v)| (c, v))
-                        .collect();
-                    if diff.is_empty() {
-                        P2::Plain(v0)
-                    } else {
-                        P2::Refine(v0, diff)
-                    }
-                }
-            };
-            if p2 != P2::Plain(other_v) {
-                ps.push((p, p2));
+    let mut merged: Vec<u32> = Vec::new();
+    let mut structure = |specific: &[u32]| -> u32 {
+        // The identity's entries in list order: the specific ones merged with the `any` ones.
+        merged.clear();
+        let (mut a, mut b) = (0, 0);
+        while a < any_js.len() || b < specific.len() {
+            if b == specific.len() || (a < any_js.len() && any_js[a] < specific[b]) {
+                merged.push(any_js[a]);
+                a += 1;
+            } else {
+                merged.push(specific[b]);
+                b += 1;
             }
         }
-        let st = IdStruct {
-            other: other_v,
-            protos: ps,
-        };
-        let sid = match uniq_ids.get(&st) {
+        let st = id_struct(ctx, list, &merged, &other, &per_proto);
+        match uniq_ids.get(&st) {
             Some(&x) => x,
             None => {
                 let x = uniq.len() as u32;
@@ -684,36 +646,123 @@ fn list_template(ctx: &HostCtx, list: &[Entry]) -> Vec<(u32, u8, u32, Verdict)> 
                 uniq.push(st);
                 x
             }
+        }
+    };
+    // (identity, structure) for identities with specific entries, ascending.
+    let mut touched: Vec<(u32, u32)> = Vec::new();
+    let mut k = 0;
+    while k < pairs.len() {
+        let id = pairs[k].0;
+        let e = k + pairs[k..].iter().take_while(|p| p.0 == id).count();
+        let specific = &spec[k..e];
+        let sid = match memo.get(specific).copied() {
+            Some(x) => x,
+            None => {
+                let x = structure(specific);
+                memo.insert(specific, x);
+                x
+            }
         };
-        memo.insert(ids, sid);
-        structs.push(sid);
+        touched.push((id, sid));
+        k = e;
     }
-    // Most common structure → IDENTITY_ANY (ties: the one seen first).
-    let mut count: Vec<(usize, usize)> = vec![(0, usize::MAX); uniq.len()];
-    for (i, &sid) in structs.iter().enumerate() {
+    // The other identities share one structure (the `any` entries alone).
+    let nids = ctx.nids;
+    let untouched = nids as usize - touched.len();
+    let first_untouched = {
+        let mut want = 1;
+        for &(id, _) in &touched {
+            if id != want {
+                break;
+            }
+            want += 1;
+        }
+        want
+    };
+    let bg = (untouched > 0).then(|| match memo.get(&[][..]).copied() {
+        Some(x) => x,
+        None => structure(&[]),
+    });
+    // Most common structure → IDENTITY_ANY (ties: the one seen first, i.e. lowest identity).
+    let mut count: Vec<(usize, u32)> = vec![(0, u32::MAX); uniq.len()];
+    for &(id, sid) in &touched {
         let c = &mut count[sid as usize];
         c.0 += 1;
-        c.1 = c.1.min(i);
+        c.1 = c.1.min(id);
     }
-    let any_sid = (0..uniq.len()).max_by(|&a, &b| {
-        count[a]
-            .0
-            .cmp(&count[b].0)
-            .then(count[b].1.cmp(&count[a].1))
+    if let Some(b) = bg {
+        let c = &mut count[b as usize];
+        c.0 += untouched;
+        c.1 = c.1.min(first_untouched);
+    }
+    let any_sid = (0..uniq.len() as u32).max_by(|&a, &b| {
+        let (ca, cb) = (count[a as usize], count[b as usize]);
+        ca.0.cmp(&cb.0).then(cb.1.cmp(&ca.1))
     });
     let fallback = IdStruct {
         other: ctx.default,
         protos: vec![],
     };
-    let any = any_sid.map_or(&fallback, |a| &uniq[a]);
+    let any = any_sid.map_or(&fallback, |a| &uniq[a as usize]);
     let mut out = Vec::new();
     emit(&mut out, IDENTITY_ANY, any);
-    for (i, &sid) in structs.iter().enumerate() {
-        if Some(sid as usize) != any_sid {
-            emit(&mut out, i as u32 + 1, &uniq[sid as usize]);
+    if let Some(b) = bg.filter(|&b| Some(b) != any_sid) {
+        let mut t = touched.iter().peekable();
+        for id in 1..=nids {
+            if t.peek().is_some_and(|x| x.0 == id) {
+                t.next();
+            } else {
+                emit(&mut out, id, &uniq[b as usize]);
+            }
+        }
+    }
+    for &(id, sid) in &touched {
+        if Some(sid) != any_sid {
+            emit(&mut out, id, &uniq[sid as usize]);
         }
     }
     out
+}
+
+/// The collapsed decisions of one identity whose matching entries are `ids` (list order).
+fn id_struct(
+    ctx: &HostCtx,
+    list: &[Entry],
+    ids: &[u32],
+    other: &[Match],
+    per_proto: &[Vec<Match>],
+) -> IdStruct {
+    let other_v = Walk::new(1).run(list, ids, |j| &other[j], ctx.default)[0];
+    let mut ps = Vec::new();
+    for (pi, &p) in ctx.protos.iter().enumerate() {
+        let m = &per_proto[pi];
+        let p2 = match port_kind(p) {
+            None => P2::Plain(Walk::new(1).run(list, ids, |j| &m[j], ctx.default)[0]),
+            Some(k) => {
+                let cls = &ctx.kind_classes[k as usize];
+                let vs = Walk::new(cls.len()).run(list, ids, |j| &m[j], ctx.default);
+                let v0 = vs[0];
+                let diff: Vec<(u32, Verdict)> = cls
+                    .iter()
+                    .zip(vs)
+                    .filter(|(_, v)| *v != v0)
+                    .map(|(&c, v)| (c, v))
+                    .collect();
+                if diff.is_empty() {
+                    P2::Plain(v0)
+                } else {
+                    P2::Refine(v0, diff)
+                }
+            }
+        };
+        if p2 != P2::Plain(other_v) {
+            ps.push((p, p2));
+        }
+    }
+    IdStruct {
+        other: other_v,
+        protos: ps,
+    }
 }
 
 pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
