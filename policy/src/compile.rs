@@ -8,6 +8,7 @@
 //! `IDENTITY_ANY`.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use bulkhead_abi::model::{EndpointTable, HostTables, IpcacheEntry, PortClassRange};
 use bulkhead_abi::*;
@@ -172,19 +173,47 @@ fn encode_rule_ids(res: &Resolved, b: &mut Vec<u8>) {
 
 /// Compile several hosts, in parallel on the available cores (hosts are independent).
 pub fn compile_hosts(res: &Resolved, hosts: &[String]) -> Vec<HostOutput> {
-    compile_hosts_in(res, hosts, &Shared::new(res))
+    compile_hosts_in(res, hosts, &Shared::new(res), None)
+        .into_iter()
+        .map(|(o, _)| o)
+        .collect()
 }
 
-pub(crate) fn compile_hosts_in(res: &Resolved, hosts: &[String], sh: &Shared) -> Vec<HostOutput> {
+/// A host's identities: a function of the contents of the peer sets its lists use, in the
+/// order of their indices, which `key` holds (their sha256 digests). Kept by the incremental
+/// compiler: a recompiled host whose sets are unchanged reuses them.
+pub(crate) struct IdentEnv {
+    key: Vec<u8>,
+    ipcache: Vec<IpcacheEntry>,
+    /// Local set → identities whose addresses are all in it (ascending).
+    inv: Vec<Vec<u32>>,
+    nids: u32,
+}
+
+/// Previous identities per host, and the digests of this revision's sets.
+pub(crate) struct EnvCache<'a> {
+    pub(crate) set_hash: &'a [[u8; 32]],
+    pub(crate) prev: &'a HashMap<String, Arc<IdentEnv>>,
+}
+
+type HostResult = (HostOutput, Arc<IdentEnv>);
+
+pub(crate) fn compile_hosts_in(
+    res: &Resolved,
+    hosts: &[String],
+    sh: &Shared,
+    cache: Option<&EnvCache>,
+) -> Vec<HostResult> {
+    let one = |h: &String| compile_host_in(res, h, sh, cache);
     let n = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(hosts.len().max(1));
     if n <= 1 || hosts.len() < 2 {
-        return hosts.iter().map(|h| compile_host_in(res, h, sh)).collect();
+        return hosts.iter().map(one).collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut outs: Vec<Option<HostOutput>> = vec![None; hosts.len()];
-    let results: Vec<Vec<(usize, HostOutput)>> = std::thread::scope(|s| {
+    let mut outs: Vec<Option<HostResult>> = (0..hosts.len()).map(|_| None).collect();
+    let results: Vec<Vec<(usize, HostResult)>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..n)
             .map(|_| {
                 s.spawn(|| {
@@ -194,7 +223,7 @@ pub(crate) fn compile_hosts_in(res: &Resolved, hosts: &[String], sh: &Shared) ->
                         if i >= hosts.len() {
                             break;
                         }
-                        mine.push((i, compile_host_in(res, &hosts[i], sh)));
+                        mine.push((i, one(&hosts[i])));
                     }
                     mine
                 })
@@ -211,7 +240,7 @@ pub(crate) fn compile_hosts_in(res: &Resolved, hosts: &[String], sh: &Shared) ->
     hosts
         .iter()
         .zip(outs)
-        .map(|(h, o)| o.unwrap_or_else(|| compile_host_in(res, h, sh)))
+        .map(|(h, o)| o.unwrap_or_else(|| one(h)))
         .collect()
 }
 
@@ -492,7 +521,7 @@ struct HostCtx<'r> {
     /// Peer set → local index (position in `inv`).
     local: FxMap<usize, u32>,
     /// Local set → identities whose addresses are all in it (ascending).
-    inv: Vec<Vec<u32>>,
+    inv: &'r [Vec<u32>],
     nids: u32,
     protos: Vec<u8>,
     kind_classes: [Vec<u32>; 2],
@@ -765,49 +794,8 @@ fn id_struct(
     }
 }
 
-pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
-    compile_host_in(res, host, &Shared::new(res))
-}
-
-fn compile_host_in(res: &Resolved, host: &str, sh: &Shared) -> HostOutput {
-    let default = sh.default;
-    let vms = sh.vms_of(host);
-    // (1) entry lists; VMs with equal lists (same policies) share the work below.
-    let lists: Vec<Vec<Entry>> = vms
-        .iter()
-        .flat_map(|&v| [res.entries(v, DIR_EGRESS), res.entries(v, DIR_INGRESS)])
-        .collect();
-    let mut distinct: Vec<usize> = Vec::new();
-    let list_of: Vec<usize> = {
-        let mut seen: FxMap<&[Entry], usize> = FxMap::default();
-        lists
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                *seen.entry(l.as_slice()).or_insert_with(|| {
-                    distinct.push(i);
-                    distinct.len() - 1
-                })
-            })
-            .collect()
-    };
-    // (2) identities.
-    let mut used: BTreeSet<usize> = BTreeSet::new();
-    let mut svcs: BTreeSet<SvcEntry> = BTreeSet::new();
-    for &d in &distinct {
-        for l in &lists[d] {
-            if l.peers != usize::MAX {
-                used.insert(l.peers);
-            }
-            svcs.extend(res.entry_svc(l).iter().copied());
-        }
-    }
-    let used: Vec<usize> = used.into_iter().collect();
-    let local: FxMap<usize, u32> = used
-        .iter()
-        .enumerate()
-        .map(|(i, &s)| (s, i as u32))
-        .collect();
+/// (2) Identities of the addresses the peer sets `used` name (local set i = `used[i]`).
+fn identities(res: &Resolved, used: &[usize], key: Vec<u8>) -> IdentEnv {
     // Every prefix the used sets mention (plus both default routes) in (length, prefix)
     // order, each with its annotations (local set, block, is_except): `ann[at[i]..at[i + 1]]`.
     // Sorted by an integer key (comparing `IpAddr`s is slow) in (length, prefix) order.
@@ -927,14 +915,80 @@ fn compile_host_in(res: &Resolved, host: &str, sh: &Shared) -> HostOutput {
             inv[s as usize].push(id as u32);
         }
     }
+    IdentEnv {
+        key,
+        ipcache,
+        inv,
+        nids,
+    }
+}
+
+pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
+    compile_host_in(res, host, &Shared::new(res), None).0
+}
+
+fn compile_host_in(
+    res: &Resolved,
+    host: &str,
+    sh: &Shared,
+    cache: Option<&EnvCache>,
+) -> HostResult {
+    let default = sh.default;
+    let vms = sh.vms_of(host);
+    // (1) entry lists; VMs with equal lists (same policies) share the work below.
+    let lists: Vec<Vec<Entry>> = vms
+        .iter()
+        .flat_map(|&v| [res.entries(v, DIR_EGRESS), res.entries(v, DIR_INGRESS)])
+        .collect();
+    let mut distinct: Vec<usize> = Vec::new();
+    let list_of: Vec<usize> = {
+        let mut seen: FxMap<&[Entry], usize> = FxMap::default();
+        lists
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                *seen.entry(l.as_slice()).or_insert_with(|| {
+                    distinct.push(i);
+                    distinct.len() - 1
+                })
+            })
+            .collect()
+    };
+    // (2) identities.
+    let mut used: BTreeSet<usize> = BTreeSet::new();
+    let mut svcs: BTreeSet<SvcEntry> = BTreeSet::new();
+    for &d in &distinct {
+        for l in &lists[d] {
+            if l.peers != usize::MAX {
+                used.insert(l.peers);
+            }
+            svcs.extend(res.entry_svc(l).iter().copied());
+        }
+    }
+    let used: Vec<usize> = used.into_iter().collect();
+    let local: FxMap<usize, u32> = used
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| (s, i as u32))
+        .collect();
+    let env = match cache {
+        Some(c) => {
+            let key: Vec<u8> = used.iter().flat_map(|&s| c.set_hash[s]).collect();
+            match c.prev.get(host) {
+                Some(p) if p.key == key => p.clone(),
+                _ => Arc::new(identities(res, &used, key)),
+            }
+        }
+        None => Arc::new(identities(res, &used, Vec::new())),
+    };
     // (3) port classes.
     let pc = PortClasses::build(&svcs);
     let ctx = HostCtx {
         res,
         default,
         local,
-        inv,
-        nids,
+        inv: &env.inv,
+        nids: env.nids,
         protos: svcs
             .iter()
             .filter_map(|s| s.proto)
@@ -1007,17 +1061,18 @@ fn compile_host_in(res: &Resolved, host: &str, sh: &Shared) -> HostOutput {
     debug_assert!(policy.windows(2).all(|w| w[0].0 < w[1].0));
     let tables = HostTables {
         endpoints,
-        ipcache,
+        ipcache: env.ipcache.clone(),
         port_classes: pc.table,
         policy,
         rules: res.rule_ids(),
     };
     let revision = revision_of(&tables, &sh.rules_enc);
-    HostOutput {
+    let out = HostOutput {
         tables,
         revision,
         slots,
-    }
+    };
+    (out, env)
 }
 
 /// Append the merge of two key-sorted runs (keys never equal: they differ in direction).

@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::compile::{compile_host, compile_hosts_in, hex, Compiled, HostOutput, Shared};
+use crate::compile::{
+    compile_host, compile_hosts_in, hex, Compiled, EnvCache, HostOutput, IdentEnv, Shared,
+};
 use crate::load::{Resolved, SvcSet};
 
 #[derive(Default)]
@@ -24,6 +26,8 @@ pub struct Incremental {
     /// (same rule-id table and settings).
     pub last_fast_path: bool,
     prev: Option<Inputs>,
+    /// Per host: its identities, reused by a recompile when its peer sets are unchanged.
+    envs: HashMap<String, Arc<IdentEnv>>,
 }
 
 /// Variable-length items in one buffer: item `i` is `bytes[off[i]..off[i + 1]]`.
@@ -55,6 +59,8 @@ impl<T: PartialEq> Packed<T> {
 /// Everything `compile_host` reads, in comparable form.
 struct Inputs {
     global: Vec<u8>,
+    /// sha256 of each address set's contents.
+    set_hash: Vec<[u8; 32]>,
     /// Distinct host names, sorted; `vm_host` indexes it.
     hosts: Vec<String>,
     vm_host: Vec<u32>,
@@ -209,6 +215,7 @@ impl Inputs {
         }
         Inputs {
             global,
+            set_hash,
             hosts: hosts.into_iter().map(|(h, _)| h.to_string()).collect(),
             vm_host,
             vms,
@@ -277,11 +284,20 @@ impl Incremental {
         drop(touched);
         let t2 = t0.elapsed();
         self.last_recomputed = stale.len();
-        let mut fresh: HashMap<String, Arc<HostOutput>> = stale
+        let cache = EnvCache {
+            set_hash: &inputs.set_hash,
+            prev: &self.envs,
+        };
+        let mut fresh: HashMap<String, Arc<HostOutput>> = HashMap::new();
+        for (host, (out, env)) in stale
             .iter()
-            .cloned()
-            .zip(compile_hosts_in(res, &stale, &sh).into_iter().map(Arc::new))
-            .collect();
+            .zip(compile_hosts_in(res, &stale, &sh, Some(&cache)))
+        {
+            fresh.insert(host.clone(), Arc::new(out));
+            self.envs.insert(host.clone(), env);
+        }
+        self.envs
+            .retain(|h, _| inputs.hosts.binary_search(h).is_ok());
         let t3 = t0.elapsed();
         let mut hosts = BTreeMap::new();
         let mut total = Sha256::new();
