@@ -114,6 +114,16 @@ impl<'a> Shared<'a> {
         &self.rules_enc
     }
 
+    /// VMs of `host` by one scan (for a few hosts: cheaper than indexing them all).
+    fn scan(&self, host: &str) -> Vec<usize> {
+        let res = self.res;
+        let mut v: Vec<usize> = (0..res.vms.len())
+            .filter(|&i| res.vms[i].host == host)
+            .collect();
+        v.sort_by(|&a, &b| res.vms[a].name.cmp(&res.vms[b].name));
+        v
+    }
+
     fn vms_of(&self, host: &str) -> &[usize] {
         let res = self.res;
         let m = self.by_host.get_or_init(|| {
@@ -148,11 +158,8 @@ fn net_key(n: &Net) -> NetKey {
 /// `encode_rules(&res.rule_ids())` without building the strings.
 fn encode_rule_ids(res: &Resolved, b: &mut Vec<u8>) {
     let n = 1 + res.system.len() + res.quarantine.len() + res.rules.len();
-    b.reserve(
-        4 * (n + 1)
-            + 64 * (res.system.len() + res.quarantine.len())
-            + res.rules.iter().map(|r| r.id.len()).sum::<usize>(),
-    );
+    // An estimate: summing the ids' lengths would be a second pass over 20k scattered rules.
+    b.reserve(24 * n);
     b.extend((n as u32).to_le_bytes());
     let mut put = |parts: &[&str]| {
         let len: usize = parts.iter().map(|p| p.len()).sum();
@@ -204,12 +211,20 @@ pub(crate) fn compile_hosts_in(
     sh: &Shared,
     cache: Option<&EnvCache>,
 ) -> Vec<HostResult> {
-    let one = |h: &String| compile_host_in(res, h, sh, cache);
+    // An incremental compile usually recompiles a few hosts: find their VMs by scanning.
+    let few: Option<Vec<Vec<usize>>> =
+        (hosts.len() <= 4).then(|| hosts.iter().map(|h| sh.scan(h)).collect());
+    let one = |i: usize| {
+        let vms = few
+            .as_ref()
+            .map_or_else(|| sh.vms_of(&hosts[i]), |f| f[i].as_slice());
+        compile_host_in(res, &hosts[i], vms, sh, cache)
+    };
     let n = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(hosts.len().max(1));
     if n <= 1 || hosts.len() < 2 {
-        return hosts.iter().map(one).collect();
+        return (0..hosts.len()).map(one).collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let mut outs: Vec<Option<HostResult>> = (0..hosts.len()).map(|_| None).collect();
@@ -223,7 +238,7 @@ pub(crate) fn compile_hosts_in(
                         if i >= hosts.len() {
                             break;
                         }
-                        mine.push((i, one(&hosts[i])));
+                        mine.push((i, one(i)));
                     }
                     mine
                 })
@@ -237,10 +252,9 @@ pub(crate) fn compile_hosts_in(
     for (i, o) in results.into_iter().flatten() {
         outs[i] = Some(o);
     }
-    hosts
-        .iter()
-        .zip(outs)
-        .map(|(h, o)| o.unwrap_or_else(|| one(h)))
+    outs.into_iter()
+        .enumerate()
+        .map(|(i, o)| o.unwrap_or_else(|| one(i)))
         .collect()
 }
 
@@ -924,17 +938,18 @@ fn identities(res: &Resolved, used: &[usize], key: Vec<u8>) -> IdentEnv {
 }
 
 pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
-    compile_host_in(res, host, &Shared::new(res), None).0
+    let sh = Shared::new(res);
+    compile_host_in(res, host, &sh.scan(host), &sh, None).0
 }
 
 fn compile_host_in(
     res: &Resolved,
     host: &str,
+    vms: &[usize],
     sh: &Shared,
     cache: Option<&EnvCache>,
 ) -> HostResult {
     let default = sh.default;
-    let vms = sh.vms_of(host);
     // (1) entry lists; VMs with equal lists (same policies) share the work below.
     let lists: Vec<Vec<Entry>> = vms
         .iter()
