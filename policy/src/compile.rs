@@ -197,13 +197,59 @@ pub(crate) struct IdentEnv {
     nids: u32,
 }
 
-/// Previous identities per host, and the digests of this revision's sets.
-pub(crate) struct EnvCache<'a> {
-    pub(crate) set_hash: &'a [[u8; 32]],
-    pub(crate) prev: &'a HashMap<String, Arc<IdentEnv>>,
+/// A distinct entry list's policy entries without slot and direction:
+/// (identity, protocol, port class, verdict), sorted by (identity, class, protocol).
+type Template = Vec<(u32, u8, u32, Verdict)>;
+
+/// What a recompile of a host can reuse: its identities, and the templates of its entry lists
+/// while the identities, port classes and default action (`ctx_key`) are unchanged.
+pub(crate) struct HostMemo {
+    env: Arc<IdentEnv>,
+    ctx_key: Vec<u8>,
+    /// [`list_key`] → template.
+    lists: FxMap<Vec<u8>, Arc<Template>>,
 }
 
-type HostResult = (HostOutput, Arc<IdentEnv>);
+/// Previous memos per host, and the digests of this revision's sets.
+pub(crate) struct EnvCache<'a> {
+    pub(crate) set_hash: &'a [[u8; 32]],
+    pub(crate) prev: &'a HashMap<String, Arc<HostMemo>>,
+}
+
+type HostResult = (HostOutput, Arc<HostMemo>);
+
+/// Everything `list_template` reads of a list, given the host's context: per entry its peer set
+/// (local index), tier, action, flags, rule index and services.
+fn list_key(res: &Resolved, list: &[Entry], local: &FxMap<usize, u32>) -> Vec<u8> {
+    let mut b = Vec::with_capacity(list.len() * 24);
+    for e in list {
+        let peers = if e.peers == usize::MAX {
+            u32::MAX
+        } else {
+            local[&e.peers]
+        };
+        b.extend(peers.to_le_bytes());
+        b.extend(e.tier.map_or(u32::MAX, |t| t as u32).to_le_bytes());
+        b.extend([e.action as u8, u8::from(e.monitor), u8::from(e.log)]);
+        b.extend(e.rule_index.to_le_bytes());
+        svc_key(&mut b, res.entry_svc(e).iter());
+    }
+    b
+}
+
+fn svc_key<'s>(b: &mut Vec<u8>, svc: impl ExactSizeIterator<Item = &'s SvcEntry>) {
+    b.extend((svc.len() as u32).to_le_bytes());
+    for s in svc {
+        let (lo, hi) = s.range.unwrap_or((0, 0));
+        b.extend([
+            s.proto.unwrap_or(0),
+            u8::from(s.proto.is_some()),
+            u8::from(s.range.is_some()),
+        ]);
+        b.extend(lo.to_le_bytes());
+        b.extend(hi.to_le_bytes());
+    }
+}
 
 pub(crate) fn compile_hosts_in(
     res: &Resolved,
@@ -986,11 +1032,12 @@ fn compile_host_in(
         .enumerate()
         .map(|(i, &s)| (s, i as u32))
         .collect();
+    let prev = cache.and_then(|c| c.prev.get(host));
     let env = match cache {
         Some(c) => {
             let key: Vec<u8> = used.iter().flat_map(|&s| c.set_hash[s]).collect();
-            match c.prev.get(host) {
-                Some(p) if p.key == key => p.clone(),
+            match prev {
+                Some(p) if p.env.key == key => p.env.clone(),
                 _ => Arc::new(identities(res, &used, key)),
             }
         }
@@ -1016,11 +1063,33 @@ fn compile_host_in(
     };
     // (4) decisions per distinct list, then stamped onto each endpoint. Templates are sorted
     // by (identity, class, proto) so that merging a slot's two directions yields key order.
-    let templates: Vec<Vec<(u32, u8, u32, Verdict)>> = distinct
+    // Incremental: a list whose key is unchanged, in an unchanged context, has the same template.
+    let ctx_key: Vec<u8> = match cache {
+        Some(_) => {
+            let mut k = env.key.clone();
+            svc_key(&mut k, svcs.iter());
+            k.extend([default.action, default.flags]);
+            k.extend(default.rule.to_le_bytes());
+            k
+        }
+        None => Vec::new(),
+    };
+    let reuse = prev.filter(|p| p.ctx_key == ctx_key);
+    let mut kept: FxMap<Vec<u8>, Arc<Template>> = FxMap::default();
+    let templates: Vec<Arc<Template>> = distinct
         .iter()
         .map(|&d| {
+            let key = cache.map(|_| list_key(res, &lists[d], &ctx.local));
+            if let Some(t) = key.as_ref().and_then(|k| reuse?.lists.get(k)) {
+                kept.insert(key.unwrap_or_default(), t.clone());
+                return t.clone();
+            }
             let mut t = list_template(&ctx, &lists[d]);
             t.sort_unstable_by_key(|&(id, proto, class, _)| (id, class, proto));
+            let t = Arc::new(t);
+            if let Some(k) = key {
+                kept.insert(k, t.clone());
+            }
             t
         })
         .collect();
@@ -1087,7 +1156,12 @@ fn compile_host_in(
         revision,
         slots,
     };
-    (out, env)
+    let memo = HostMemo {
+        env,
+        ctx_key,
+        lists: kept,
+    };
+    (out, Arc::new(memo))
 }
 
 /// Append the merge of two key-sorted runs (keys never equal: they differ in direction).

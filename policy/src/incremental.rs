@@ -13,7 +13,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::compile::{
-    compile_host, compile_hosts_in, hex, Compiled, EnvCache, HostOutput, IdentEnv, Shared,
+    compile_host, compile_hosts_in, hex, Compiled, EnvCache, HostMemo, HostOutput, Shared,
 };
 use crate::load::{Resolved, SvcSet};
 
@@ -26,8 +26,9 @@ pub struct Incremental {
     /// (same rule-id table and settings).
     pub last_fast_path: bool,
     prev: Option<Inputs>,
-    /// Per host: its identities, reused by a recompile when its peer sets are unchanged.
-    envs: HashMap<String, Arc<IdentEnv>>,
+    /// Per host: its identities and entry-list templates, reused by a recompile when its
+    /// peer sets (and, for templates, port classes and the list itself) are unchanged.
+    envs: HashMap<String, Arc<HostMemo>>,
 }
 
 /// Variable-length items in one buffer: item `i` is `bytes[off[i]..off[i + 1]]`.
