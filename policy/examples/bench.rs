@@ -1,6 +1,10 @@
 //! Generated large policy set: 10k VMs, 500 groups, 2k policies / 20k rules.
 //!
-//!   cargo run --release -p bulkhead-policy --example bench [-- VMS GROUPS POLICIES RULES_PER_POLICY HOSTS]
+//!   cargo run --release -p bulkhead-policy --example bench [-- VMS GROUPS POLICIES RULES_PER_POLICY HOSTS [--spread]]
+//!
+//! By default VM i runs on host i % HOSTS, so a host's VMs have only VMS/HOSTS/(VMS/GROUPS)
+//! distinct apps (5 at the default size) and share entry lists. `--spread` puts consecutive
+//! VMs on a host instead: every VM of a host has a different app (harder for the compiler).
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -19,6 +23,18 @@ fn peak_rss_mb() -> f64 {
             })
         })
         .map_or(0.0, |k| k / 1024.0)
+}
+
+/// CPU time of the whole process (all threads), in ms: less sensitive to other jobs'
+/// load than wall time.
+fn cpu_ms() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    ms(u.ru_utime) + ms(u.ru_stime)
 }
 
 struct Rng(u64);
@@ -45,6 +61,14 @@ fn main() {
     let rpp = *a.get(3).unwrap_or(&10);
     let nhosts = *a.get(4).unwrap_or(&100);
     let napps = ngroups; // one app label per group
+    let spread = std::env::args().any(|a| a == "--spread");
+    let host_of = |i: usize| {
+        if spread {
+            i * nhosts / nvm
+        } else {
+            i % nhosts
+        }
+    };
     let mut rng = Rng(0x9e3779b97f4a7c15);
     let roles = ["web", "app", "db"];
     let vms: Vec<Vm> = (0..nvm)
@@ -59,7 +83,7 @@ fn main() {
                     if i % 10 == 0 { "test" } else { "prod" }.to_string(),
                 ),
             ]),
-            host: format!("kvm-{:03}", i % nhosts),
+            host: format!("kvm-{:03}", host_of(i)),
             interfaces: vec![Interface {
                 mac: format!(
                     "52:54:00:{:02x}:{:02x}:{:02x}",
@@ -217,21 +241,21 @@ fn main() {
         .sum();
     let policy_yaml = serde_yaml::to_string(&file).unwrap();
     let inv_yaml = serde_yaml::to_string(&Inventory { vms }).unwrap();
-    println!("input: {nvm} VMs on {nhosts} hosts, {ngroups} groups, {} policies, {nrules} rules ({} KiB YAML)", file.policies.len(), (policy_yaml.len() + inv_yaml.len()) / 1024);
+    println!("input: {nvm} VMs on {nhosts} hosts{}, {ngroups} groups, {} policies, {nrules} rules ({} KiB YAML)", if spread { " (spread)" } else { "" }, file.policies.len(), (policy_yaml.len() + inv_yaml.len()) / 1024);
 
     let src = |t: &str, n: &str| Source::new(n, t);
-    let t0 = Instant::now();
+    let (t0, c0) = (Instant::now(), cpu_ms());
     let (_, res) = load_sources(
         vec![src(&policy_yaml, "policy.yaml")],
         Some(src(&inv_yaml, "inventory.yaml")),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let t_load = t0.elapsed();
+    let (t_load, c_load) = (t0.elapsed(), cpu_ms() - c0);
     let rss_load = peak_rss_mb();
-    let t1 = Instant::now();
+    let (t1, c1) = (Instant::now(), cpu_ms());
     let mut inc = Incremental::default();
     let c = inc.compile(&res);
-    let t_compile = t1.elapsed();
+    let (t_compile, c_compile) = (t1.elapsed(), cpu_ms() - c1);
     let entries: usize = c.hosts.values().map(|h| h.tables.policy.len()).sum();
     let ipc: usize = c
         .hosts
@@ -257,9 +281,9 @@ fn main() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let t_load2 = t2.elapsed();
-    let t3 = Instant::now();
+    let (t3, c3) = (Instant::now(), cpu_ms());
     let c2 = inc.compile(&res2);
-    let t_inc = t3.elapsed();
+    let (t_inc, c_inc) = (t3.elapsed(), cpu_ms() - c3);
     let changed = c
         .hosts
         .iter()
@@ -268,26 +292,31 @@ fn main() {
     let check = compile(&res2);
     assert_eq!(check, c2, "incremental result must equal a full compile");
 
-    println!("| step | time |");
-    println!("|---|---|");
+    println!("| step | wall time | CPU time (all threads) |");
+    println!("|---|---|---|");
     println!(
-        "| parse + validate + resolve (YAML → Resolved) | {:.0} ms |",
+        "| parse + validate + resolve (YAML → Resolved; not part of compile) | {:.0} ms | {c_load:.0} ms |",
         t_load.as_secs_f64() * 1e3
     );
     println!(
-        "| full compile ({} hosts) | {:.0} ms |",
+        "| full compile, Resolved → tables of all {} hosts (first `Incremental::compile`) | {:.0} ms | {c_compile:.0} ms |",
         c.hosts.len(),
         t_compile.as_secs_f64() * 1e3
     );
     println!(
-        "| re-parse after one rule change | {:.0} ms |",
+        "| re-parse after one rule change | {:.0} ms | |",
         t_load2.as_secs_f64() * 1e3
     );
-    println!("| incremental compile after one rule change ({changed} host(s) recomputed: {}) | {:.1} ms |", inc.last_recomputed, t_inc.as_secs_f64() * 1e3);
-    println!("| peak RSS after parse + resolve | {rss_load:.0} MiB |");
+    println!("| incremental compile after one rule change ({changed} host(s) changed, {} recomputed) | {:.1} ms | {c_inc:.1} ms |", inc.last_recomputed, t_inc.as_secs_f64() * 1e3);
+    println!("| peak RSS after parse + resolve | {rss_load:.0} MiB | |");
     println!(
-        "| peak RSS (whole run: two sets, full + incremental, cache) | {:.0} MiB |",
+        "| peak RSS (whole run: two sets, full + incremental, cache) | {:.0} MiB | |",
         peak_rss_mb()
     );
     println!("policy entries total {entries}, max per host {pe}, max ipcache per host {ipc}");
+    // Lets runs of different compiler versions be compared byte for byte.
+    println!(
+        "revisions: full {} / after the change {}",
+        c.revision, c2.revision
+    );
 }

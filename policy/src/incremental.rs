@@ -1,185 +1,265 @@
-//! Incremental compilation: a host's tables are recomputed only when the inputs that host
-//! depends on change. The key of a host is a sha256 over exactly those inputs: its VMs
-//! (names, interfaces, addresses, flags), the ordered entry lists of each of its VMs (rule
-//! actions, tiers, log/monitor flags, rule indices, the *contents* of the peer address sets
-//! and services they use), the default action and the rule-id table.
-use std::collections::HashMap;
+//! Incremental compilation: a host's tables are recomputed only when inputs that host
+//! depends on change. Those inputs are kept, packed into bytes, in three parts and compared
+//! exactly with the previous call's: global (rule-id table, default action, tiers, system
+//! endpoints: a change recompiles everything), per VM (name, host, interfaces, addresses,
+//! flags, quarantine) and per rule (what its entries read, with sha256 digests of its address
+//! sets' *contents*, its services, and whom it applies to or is reflected onto). A changed VM
+//! stales its old and new host; a changed rule the hosts of the VMs it reaches before and
+//! after the change.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::compile::{compile_host, compile_hosts, hex, Compiled, HostOutput};
-use crate::load::{EntryKind, Resolved};
+use crate::compile::{
+    compile_host, compile_hosts_in, hex, Compiled, EnvCache, HostMemo, HostOutput, Shared,
+};
+use crate::load::{Resolved, SvcSet};
 
 #[derive(Default)]
 pub struct Incremental {
-    cache: HashMap<String, ([u8; 32], Arc<HostOutput>)>,
+    cache: HashMap<String, Arc<HostOutput>>,
     /// Hosts recomputed by the last call.
     pub last_recomputed: usize,
-    /// Fingerprint of everything but the rules (VMs, rule-id table, settings, quarantine).
-    global: Option<[u8; 32]>,
-    /// Per rule: content hash and the VMs it can touch (applied-to ∪ reflected peers).
-    rules: Vec<([u8; 32], Vec<usize>)>,
-    /// Whether the last call took the fast path (only rules changed).
+    /// Whether the last call could limit itself to the hosts of changed VMs and rules
+    /// (same rule-id table and settings).
     pub last_fast_path: bool,
+    prev: Option<Inputs>,
+    /// Per host: its identities and entry-list templates, reused by a recompile when its
+    /// peer sets (and, for templates, port classes and the list itself) are unchanged.
+    envs: HashMap<String, Arc<HostMemo>>,
 }
 
-fn net_bytes(h: &mut Sha256, n: &crate::net::Net) {
-    match n.addr {
-        std::net::IpAddr::V4(a) => h.update(a.octets()),
-        std::net::IpAddr::V6(a) => h.update(a.octets()),
+/// Variable-length items in one buffer: item `i` is `bytes[off[i]..off[i + 1]]`.
+struct Packed<T> {
+    bytes: Vec<T>,
+    off: Vec<usize>,
+}
+
+impl<T: PartialEq> Packed<T> {
+    fn with_capacity(items: usize, bytes: usize) -> Self {
+        let mut off = Vec::with_capacity(items + 1);
+        off.push(0);
+        Packed {
+            bytes: Vec::with_capacity(bytes),
+            off,
+        }
     }
-    h.update([n.len]);
+    fn end_item(&mut self) {
+        self.off.push(self.bytes.len());
+    }
+    fn len(&self) -> usize {
+        self.off.len() - 1
+    }
+    fn get(&self, i: usize) -> Option<&[T]> {
+        (i < self.len()).then(|| &self.bytes[self.off[i]..self.off[i + 1]])
+    }
 }
 
-fn set_hashes(res: &Resolved) -> Vec<[u8; 32]> {
-    res.sets
-        .iter()
-        .map(|s| {
-            let mut h = Sha256::new();
-            for (n, ex) in &s.blocks {
-                net_bytes(&mut h, n);
-                h.update((ex.len() as u32).to_le_bytes());
-                for e in ex {
-                    net_bytes(&mut h, e);
-                }
-            }
-            h.finalize().into()
-        })
-        .collect()
+/// Everything `compile_host` reads, in comparable form.
+struct Inputs {
+    global: Vec<u8>,
+    /// sha256 of each address set's contents.
+    set_hash: Vec<[u8; 32]>,
+    /// Distinct host names, sorted; `vm_host` indexes it.
+    hosts: Vec<String>,
+    vm_host: Vec<u32>,
+    vms: Packed<u8>,
+    rules: Packed<u8>,
+    /// Per rule: the VMs it applies to, then those it names as peers.
+    rule_vms: Packed<u32>,
 }
 
-fn svc_bytes(h: &mut Sha256, svc: &crate::load::SvcSet) {
-    h.update((svc.len() as u32).to_le_bytes());
+fn put_ip(b: &mut Vec<u8>, a: &IpAddr) {
+    match a {
+        IpAddr::V4(x) => {
+            b.push(4);
+            b.extend(x.octets());
+        }
+        IpAddr::V6(x) => {
+            b.push(6);
+            b.extend(x.octets());
+        }
+    }
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    b.extend((s.len() as u32).to_le_bytes());
+    b.extend(s.as_bytes());
+}
+
+fn put_svc(b: &mut Vec<u8>, svc: &SvcSet) {
+    b.extend((svc.len() as u32).to_le_bytes());
     for s in svc {
-        h.update([
+        let (lo, hi) = s.range.unwrap_or((0, 0));
+        b.extend([
             s.proto.unwrap_or(0),
             u8::from(s.proto.is_some()),
             u8::from(s.range.is_some()),
         ]);
-        let (a, b) = s.range.unwrap_or((0, 0));
-        h.update(a.to_le_bytes());
-        h.update(b.to_le_bytes());
+        b.extend(lo.to_le_bytes());
+        b.extend(hi.to_le_bytes());
     }
 }
 
-/// Everything `compile_host` reads except the rules themselves.
-fn global_fingerprint(res: &Resolved, ids: &[u8], set_hash: &[[u8; 32]]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(ids);
-    h.update(format!("{:?}{:?}", res.default_action, res.tiers));
-    for s in &res.system {
-        h.update(s.name.as_bytes());
-        h.update(set_hash[s.set]);
-        svc_bytes(&mut h, &s.svc);
-    }
-    for q in &res.quarantine {
-        h.update((q.vm as u64).to_le_bytes());
-        h.update([u8::from(q.full)]);
-        h.update(set_hash[q.allow]);
-    }
-    for v in &res.monitor_vms {
-        h.update((*v as u64).to_le_bytes());
-    }
-    for vm in &res.vms {
-        h.update(format!(
-            "{}|{}|{:?}|{:?}|{}\n",
-            vm.name, vm.host, vm.interfaces, vm.addrs, vm.infra_server
-        ));
-    }
-    h.finalize().into()
-}
-
-fn rule_state(res: &Resolved, set_hash: &[[u8; 32]]) -> Vec<([u8; 32], Vec<usize>)> {
-    res.rules
+/// sha256 of each address set's contents (sets are shared by many rules: digested once).
+fn set_hashes(res: &Resolved) -> Vec<[u8; 32]> {
+    let mut b = Vec::new();
+    res.sets
         .iter()
-        .map(|r| {
-            let mut h = Sha256::new();
-            h.update((r.tier as u32).to_le_bytes());
-            h.update(r.priority.to_le_bytes());
-            h.update((r.pos as u32).to_le_bytes());
-            h.update([
+        .map(|s| {
+            b.clear();
+            for (n, ex) in &s.blocks {
+                put_ip(&mut b, &n.addr);
+                b.push(n.len);
+                b.extend((ex.len() as u32).to_le_bytes());
+                for e in ex {
+                    put_ip(&mut b, &e.addr);
+                    b.push(e.len);
+                }
+            }
+            Sha256::digest(&b).into()
+        })
+        .collect()
+}
+
+impl Inputs {
+    fn new(res: &Resolved, rules_enc: &[u8]) -> Inputs {
+        let set_hash = set_hashes(res);
+        let mut global = Vec::with_capacity(rules_enc.len() + 256);
+        global.extend_from_slice(rules_enc);
+        put_str(&mut global, &format!("{:?}", res.default_action));
+        global.extend((res.tiers.len() as u32).to_le_bytes());
+        res.tiers.iter().for_each(|t| put_str(&mut global, t));
+        global.extend((res.system.len() as u32).to_le_bytes());
+        for s in &res.system {
+            put_str(&mut global, &s.name);
+            global.extend(set_hash[s.set]);
+            put_svc(&mut global, &s.svc);
+        }
+
+        // Host numbers in first-seen order, then renumbered in name order.
+        let mut seen: crate::compile::FxMap<&str, u32> = Default::default();
+        let mut vm_host: Vec<u32> = res
+            .vms
+            .iter()
+            .map(|v| {
+                let n = seen.len() as u32;
+                *seen.entry(v.host.as_str()).or_insert(n)
+            })
+            .collect();
+        let mut hosts: Vec<(&str, u32)> = seen.into_iter().collect();
+        hosts.sort_unstable();
+        let mut rank = vec![0u32; hosts.len()];
+        for (r, &(_, n)) in hosts.iter().enumerate() {
+            rank[n as usize] = r as u32;
+        }
+        vm_host.iter_mut().for_each(|h| *h = rank[*h as usize]);
+        let mut quar: Vec<Vec<usize>> = vec![Vec::new(); res.vms.len()];
+        for (i, q) in res.quarantine.iter().enumerate() {
+            if let Some(v) = quar.get_mut(q.vm) {
+                v.push(i);
+            }
+        }
+        let mut vms = Packed::with_capacity(res.vms.len(), 96 * res.vms.len());
+        for (v, vm) in res.vms.iter().enumerate() {
+            let b = &mut vms.bytes;
+            put_str(b, &vm.name);
+            put_str(b, &vm.host);
+            b.push(u8::from(vm.infra_server));
+            b.push(u8::from(res.monitor_vms.contains(&v)));
+            b.extend((vm.interfaces.len() as u32).to_le_bytes());
+            for (mac, ips) in &vm.interfaces {
+                b.extend(mac);
+                b.extend((ips.len() as u32).to_le_bytes());
+                ips.iter().for_each(|a| put_ip(b, a));
+            }
+            b.extend((vm.addrs.len() as u32).to_le_bytes());
+            vm.addrs.iter().for_each(|a| put_ip(b, a));
+            b.extend((quar[v].len() as u32).to_le_bytes());
+            for &q in &quar[v] {
+                let qr = &res.quarantine[q];
+                b.extend((q as u32).to_le_bytes());
+                b.push(u8::from(qr.full));
+                b.extend(set_hash[qr.allow]);
+            }
+            vms.end_item();
+        }
+
+        let n = res.rules.len();
+        let mut rules = Packed::with_capacity(n, 96 * n);
+        let nv = res.rules.iter().map(|r| r.applies.len() + r.peer_vms.len());
+        let mut rule_vms = Packed::with_capacity(n, nv.sum());
+        for r in &res.rules {
+            let b = &mut rules.bytes;
+            b.extend((r.tier as u32).to_le_bytes());
+            b.extend(r.priority.to_le_bytes());
+            b.extend((r.pos as u32).to_le_bytes());
+            b.extend([
                 r.dir,
                 r.action as u8,
                 u8::from(r.monitor),
                 u8::from(r.log),
                 u8::from(r.symmetric),
             ]);
-            h.update((r.applies.len() as u32).to_le_bytes());
-            for v in &r.applies {
-                h.update((*v as u32).to_le_bytes());
-            }
-            h.update((r.peer_vms.len() as u32).to_le_bytes());
-            for v in &r.peer_vms {
-                h.update((*v as u32).to_le_bytes());
-            }
-            h.update(set_hash[r.applies_set]);
-            h.update(set_hash[r.peers]);
-            svc_bytes(&mut h, &r.svc);
-            let mut vms: Vec<usize> = r.applies.iter().chain(&r.peer_vms).copied().collect();
-            vms.sort_unstable();
-            vms.dedup();
-            (h.finalize().into(), vms)
-        })
-        .collect()
-}
-
-/// The hash of everything `compile_host(res, host)` reads.
-pub fn host_key(
-    res: &Resolved,
-    host: &str,
-    rule_ids_hash: &[u8],
-    set_hash: &[[u8; 32]],
-) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(rule_ids_hash);
-    h.update(format!("{:?}", res.default_action));
-    let mut vms: Vec<usize> = (0..res.vms.len())
-        .filter(|&i| res.vms[i].host == host)
-        .collect();
-    vms.sort_by(|&a, &b| res.vms[a].name.cmp(&res.vms[b].name));
-    for v in vms {
-        let vm = &res.vms[v];
-        h.update(format!(
-            "{}|{:?}|{:?}|{}|{}\n",
-            vm.name,
-            vm.interfaces,
-            vm.addrs,
-            vm.infra_server,
-            res.monitor_vms.contains(&v)
-        ));
-        for dir in [0u8, 1] {
-            for e in res.entries(v, dir) {
-                let kind = match e.kind {
-                    EntryKind::System(_) => 0u8,
-                    EntryKind::Quarantine(_) => 1,
-                    EntryKind::Rule { .. } => 2,
-                };
-                h.update([
-                    dir,
-                    kind,
-                    e.tier.map_or(255, |t| t as u8),
-                    e.action as u8,
-                    u8::from(e.monitor),
-                    u8::from(e.log),
-                ]);
-                h.update(e.rule_index.to_le_bytes());
-                if e.peers == usize::MAX {
-                    h.update(b"*");
-                } else {
-                    h.update(set_hash[e.peers]);
-                }
-                for s in res.entry_svc(&e) {
-                    h.update([s.proto.unwrap_or(0), u8::from(s.range.is_some())]);
-                    let (a, b) = s.range.unwrap_or((0, 0));
-                    h.update(a.to_le_bytes());
-                    h.update(b.to_le_bytes());
-                }
-                h.update(b"\n");
-            }
+            // Which of `rule_vms` are applied-to and which are peers.
+            b.extend((r.applies.len() as u32).to_le_bytes());
+            b.extend(set_hash[r.applies_set]);
+            b.extend(set_hash[r.peers]);
+            put_svc(b, &r.svc);
+            rules.end_item();
+            rule_vms
+                .bytes
+                .extend(r.applies.iter().chain(&r.peer_vms).map(|&v| v as u32));
+            rule_vms.end_item();
+        }
+        Inputs {
+            global,
+            set_hash,
+            hosts: hosts.into_iter().map(|(h, _)| h.to_string()).collect(),
+            vm_host,
+            vms,
+            rules,
+            rule_vms,
         }
     }
-    h.finalize().into()
+
+    fn host_of(&self, vm: u32) -> Option<&str> {
+        let h = *self.vm_host.get(vm as usize)?;
+        self.hosts.get(h as usize).map(|s| s.as_str())
+    }
+
+    /// Hosts whose inputs may differ between `self` (before) and `new`, if only VMs and
+    /// rules changed; `None` if something global did.
+    fn touched<'a>(&'a self, new: &'a Inputs) -> Option<BTreeSet<&'a str>> {
+        if self.global != new.global || self.rules.len() != new.rules.len() {
+            return None;
+        }
+        let mut touched = BTreeSet::new();
+        for v in 0..self.vms.len().max(new.vms.len()) {
+            if self.vms.get(v) != new.vms.get(v) {
+                touched.extend(self.host_of(v as u32));
+                touched.extend(new.host_of(v as u32));
+            }
+        }
+        for i in 0..new.rules.len() {
+            let (was, is) = (self.rule_vms.get(i), new.rule_vms.get(i));
+            if self.rules.get(i) != new.rules.get(i) || was != is {
+                touched.extend(
+                    was.unwrap_or_default()
+                        .iter()
+                        .filter_map(|&v| self.host_of(v)),
+                );
+                touched.extend(
+                    is.unwrap_or_default()
+                        .iter()
+                        .filter_map(|&v| new.host_of(v)),
+                );
+            }
+        }
+        Some(touched)
+    }
 }
 
 impl Incremental {
@@ -188,89 +268,64 @@ impl Incremental {
     pub fn compile(&mut self, res: &Resolved) -> Compiled {
         let timing = std::env::var_os("BULKHEAD_TIMING").is_some();
         let t0 = std::time::Instant::now();
-        let ids = Sha256::digest(res.rule_ids().join("\n"));
-        let set_hash = set_hashes(res);
+        let sh = Shared::new(res);
+        let inputs = Inputs::new(res, sh.rules_enc());
         let t1 = t0.elapsed();
-        let global = global_fingerprint(res, &ids, &set_hash);
+        let touched = self.prev.as_ref().and_then(|p| p.touched(&inputs));
+        self.last_fast_path = touched.is_some();
+        let stale: Vec<String> = inputs
+            .hosts
+            .iter()
+            .filter(|h| {
+                touched.as_ref().is_none_or(|t| t.contains(h.as_str()))
+                    || !self.cache.contains_key(*h)
+            })
+            .cloned()
+            .collect();
+        drop(touched);
         let t2 = t0.elapsed();
-        let rules = rule_state(res, &set_hash);
+        self.last_recomputed = stale.len();
+        let cache = EnvCache {
+            set_hash: &inputs.set_hash,
+            prev: &self.envs,
+        };
+        let mut fresh: HashMap<String, Arc<HostOutput>> = HashMap::new();
+        for (host, (out, env)) in stale
+            .iter()
+            .zip(compile_hosts_in(res, &stale, &sh, Some(&cache)))
+        {
+            fresh.insert(host.clone(), Arc::new(out));
+            self.envs.insert(host.clone(), env);
+        }
+        self.envs
+            .retain(|h, _| inputs.hosts.binary_search(h).is_ok());
         let t3 = t0.elapsed();
-        let mut hosts = std::collections::BTreeMap::new();
+        let mut hosts = BTreeMap::new();
         let mut total = Sha256::new();
         let mut next = HashMap::new();
-        let names: Vec<String> = res.hosts().into_iter().collect();
-        let fast = self.global == Some(global)
-            && self.rules.len() == rules.len()
-            && names.iter().all(|h| self.cache.contains_key(h));
-        self.last_fast_path = fast;
-        let keys: Vec<[u8; 32]>;
-        let stale: Vec<String>;
-        if fast {
-            // Only rules changed: the hosts of the VMs those rules touch (before or after).
-            let mut touched: std::collections::BTreeSet<&str> = Default::default();
-            for (old, new) in self.rules.iter().zip(&rules) {
-                if old.0 != new.0 {
-                    for &v in old.1.iter().chain(&new.1) {
-                        if let Some(vm) = res.vms.get(v) {
-                            touched.insert(vm.host.as_str());
-                        }
-                    }
-                }
-            }
-            stale = touched.iter().map(|h| h.to_string()).collect();
-            keys = names
-                .iter()
-                .map(|h| {
-                    if touched.contains(h.as_str()) {
-                        host_key(res, h, &ids, &set_hash)
-                    } else {
-                        self.cache.get(h).map(|c| c.0).unwrap_or_default()
-                    }
-                })
-                .collect();
-        } else {
-            keys = names
-                .iter()
-                .map(|h| host_key(res, h, &ids, &set_hash))
-                .collect();
-            stale = names
-                .iter()
-                .zip(&keys)
-                .filter(|(h, k)| self.cache.get(*h).is_none_or(|(old, _)| old != *k))
-                .map(|(h, _)| h.clone())
-                .collect();
-        }
-        self.global = Some(global);
-        self.rules = rules;
-        let t4 = t0.elapsed();
-        self.last_recomputed = stale.len();
-        let mut fresh: HashMap<String, Arc<HostOutput>> = stale
-            .iter()
-            .cloned()
-            .zip(compile_hosts(res, &stale).into_iter().map(Arc::new))
-            .collect();
-        for (host, key) in names.into_iter().zip(keys) {
-            let out = match fresh.remove(&host) {
+        for host in &inputs.hosts {
+            let out = match fresh.remove(host) {
                 Some(o) => o,
-                None => match self.cache.remove(&host) {
-                    Some((_, o)) => o,
-                    None => Arc::new(compile_host(res, &host)),
+                None => match self.cache.remove(host) {
+                    Some(o) => o,
+                    None => Arc::new(compile_host(res, host)),
                 },
             };
             total.update(host.as_bytes());
             total.update([0]);
             total.update(out.revision.as_bytes());
-            next.insert(host.clone(), (key, out.clone()));
-            hosts.insert(host, out);
+            next.insert(host.clone(), out.clone());
+            hosts.insert(host.clone(), out);
         }
         self.cache = next;
+        self.prev = Some(inputs);
         if timing {
             eprintln!(
-                "incremental: sets {t1:?}, global {:?}, rules {:?}, keys {:?}, compile+assemble {:?}",
+                "incremental: inputs {t1:?}, stale hosts {:?}, compile {:?} ({} hosts), assemble {:?}",
                 t2 - t1,
                 t3 - t2,
-                t4 - t3,
-                t0.elapsed() - t4
+                self.last_recomputed,
+                t0.elapsed() - t3
             );
         }
         Compiled {

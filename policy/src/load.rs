@@ -316,7 +316,7 @@ pub struct Resolved {
 }
 
 /// Kind of an entry in an endpoint's ordered list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EntryKind {
     System(usize),
     Quarantine(usize),
@@ -325,7 +325,7 @@ pub enum EntryKind {
 
 /// One entry in the ordered rule list of (VM, direction): the compiled meaning of the
 /// language for that endpoint. `tier` is `None` above all tiers (system, quarantine).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Entry {
     pub kind: EntryKind,
     pub tier: Option<usize>,
@@ -597,6 +597,8 @@ struct Resolver<'a> {
     /// group name → (vms, blocks), memoised.
     group_cache: HashMap<String, Resolution>,
     used_groups: BTreeSet<String>,
+    /// (label key, value) → VMs carrying it; built on first use, after the inventory.
+    label_index: Option<HashMap<(String, String), Vec<usize>>>,
 }
 
 impl<'a> Resolver<'a> {
@@ -612,7 +614,26 @@ impl<'a> Resolver<'a> {
             set_ids: HashMap::new(),
             group_cache: HashMap::new(),
             used_groups: BTreeSet::new(),
+            label_index: None,
         }
+    }
+
+    /// VMs carrying label `k: v` (a superset of a selector's matches when it requires it).
+    fn with_label(&mut self, k: &str, v: &str) -> Vec<usize> {
+        let vms = &self.vms;
+        let index = self.label_index.get_or_insert_with(|| {
+            let mut m: HashMap<(String, String), Vec<usize>> = HashMap::new();
+            for (i, vm) in vms.iter().enumerate() {
+                for (k, v) in &vm.labels {
+                    m.entry((k.clone(), v.clone())).or_default().push(i);
+                }
+            }
+            m
+        });
+        index
+            .get(&(k.to_string(), v.to_string()))
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn err(&mut self, src: &Source, at: (usize, usize), message: String) {
@@ -1364,7 +1385,13 @@ impl<'a> Resolver<'a> {
                     }
                 }
             }
-            for (i, vm) in self.vms.iter().enumerate() {
+            // A required label narrows the scan to the VMs carrying it (10k VMs × 500 groups).
+            let cands: Vec<usize> = match p.labels.as_ref().and_then(|l| l.iter().next()) {
+                Some((k, v)) => self.with_label(k, v),
+                None => (0..self.vms.len()).collect(),
+            };
+            for i in cands {
+                let vm = &self.vms[i];
                 if label_match(&vm.labels, p.labels.as_ref(), p.expressions.as_deref()) {
                     vms.insert(i);
                 }

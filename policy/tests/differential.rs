@@ -377,3 +377,81 @@ proptest! {
         prop_assert_eq!(compile(&res), c);
     }
 }
+
+/// One small edit of a generated set (the kinds of change the incremental fast path sees).
+fn mutate(vms: &mut [Vm], file: &mut PolicyFile, kind: usize, k: usize) {
+    let nvm = vms.len();
+    let vm = &mut vms[k % nvm];
+    match kind {
+        0 => vm.host = if vm.host == "h0" { "h1" } else { "h0" }.into(),
+        1 => {
+            if vm.labels.remove("app").is_none() {
+                vm.labels.insert("app".into(), "b".into());
+            }
+        }
+        2 => vm.interfaces[0].ips[0] = format!("10.1.2.{}", 100 + k % nvm),
+        3 => vm.infra_server = !vm.infra_server,
+        _ => {
+            let np = file.policies.len();
+            let p = &mut file.policies[k % np];
+            let rule = p.ingress.first_mut().or(p.egress.first_mut());
+            match (kind, rule) {
+                (4, Some(r)) => r.services = vec![ServiceRef::Named("web".into())],
+                (5, Some(r)) => {
+                    r.action = match r.action {
+                        Action::Allow => Action::Deny,
+                        Action::Deny => Action::Pass,
+                        _ => Action::Allow,
+                    }
+                }
+                (6, Some(r)) => {
+                    r.peers = vec![Peer {
+                        vm: Some(format!("vm{}", k % nvm)),
+                        ..Default::default()
+                    }]
+                }
+                (7, Some(r)) => r.log = !r.log,
+                (8, _) => {
+                    p.applies_to = vec![Peer {
+                        vm: Some(format!("vm{}", k % nvm)),
+                        ..Default::default()
+                    }]
+                }
+                (9, _) => p.symmetric = !p.symmetric,
+                (10, _) => {
+                    p.mode = match p.mode {
+                        Mode::Enforce => Mode::Monitor,
+                        Mode::Monitor => Mode::Enforce,
+                    }
+                }
+                _ => {
+                    file.groups[0].members = vec![Peer {
+                        vm: Some(format!("vm{}", k % nvm)),
+                        ..Default::default()
+                    }]
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, .. ProptestConfig::default() })]
+    /// An incremental compile after a sequence of small edits equals a full compile.
+    #[test]
+    fn incremental_equals_full_after_edits(
+        (vms, file, _) in setup(),
+        edits in proptest::collection::vec((0..12usize, 0..16usize), 1..4),
+    ) {
+        let (_, res) = yaml_roundtrip(&vms, &file).unwrap_or_else(|e| panic!("{e}"));
+        let mut inc = incremental::Incremental::default();
+        prop_assert_eq!(inc.compile(&res), compile(&res));
+        let (mut vms, mut file) = (vms, file);
+        for (kind, k) in edits {
+            mutate(&mut vms, &mut file, kind, k);
+            // An edit may make the set invalid (e.g. a duplicate address): skip those.
+            let Ok((_, res)) = yaml_roundtrip(&vms, &file) else { continue };
+            prop_assert_eq!(inc.compile(&res), compile(&res));
+        }
+    }
+}
