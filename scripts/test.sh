@@ -20,3 +20,5 @@ cargo run -q -p bulkhead-cli -- policy lint -p policies --deny-findings
 BENCH_QUICK=1 cargo bench -p bulkhead-datapath --bench datapath -- testrun events
 cargo run --release -q -p bulkhead-policy --example bench -- 1000 50 200 10 10
 cargo run --release -q -p bulkhead-controller --example fanout -- 20
+cargo build --release -q -p bulkhead-controller
+cargo run --release -q -p bulkhead-e2e --example flow_pipeline -- 20000 2 2
