@@ -76,7 +76,13 @@ pub fn compile_tree(
         Ok((_, resolved)) => Ok(bulkhead_policy::compile(&resolved)
             .hosts
             .into_iter()
-            .map(|(h, out)| (h, out.tables.clone()))
+            // The compiler hands each host out once: take the tables rather than copy them.
+            .map(|(h, out)| {
+                let tables = std::sync::Arc::try_unwrap(out)
+                    .map(|o| o.tables)
+                    .unwrap_or_else(|shared| shared.tables.clone());
+                (h, tables)
+            })
             .collect()),
         Err(LoadError::Invalid(diags)) => Err(diags.iter().map(|d| d.to_string()).collect()),
         Err(e) => Err(vec![e.to_string()]),
