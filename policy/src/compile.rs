@@ -88,8 +88,12 @@ pub fn compile_hosts(res: &Resolved, hosts: &[String]) -> Vec<HostOutput> {
     let n = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(hosts.len().max(1));
+    let cache = IdentityCache::default();
     if n <= 1 || hosts.len() < 2 {
-        return hosts.iter().map(|h| compile_host(res, h)).collect();
+        return hosts
+            .iter()
+            .map(|h| compile_host_with(res, h, &cache))
+            .collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let mut outs: Vec<Option<HostOutput>> = vec![None; hosts.len()];
@@ -103,7 +107,7 @@ pub fn compile_hosts(res: &Resolved, hosts: &[String]) -> Vec<HostOutput> {
                         if i >= hosts.len() {
                             break;
                         }
-                        mine.push((i, compile_host(res, &hosts[i])));
+                        mine.push((i, compile_host_with(res, &hosts[i], &cache)));
                     }
                     mine
                 })
@@ -120,7 +124,7 @@ pub fn compile_hosts(res: &Resolved, hosts: &[String]) -> Vec<HostOutput> {
     hosts
         .iter()
         .zip(outs)
-        .map(|(h, o)| o.unwrap_or_else(|| compile_host(res, h)))
+        .map(|(h, o)| o.unwrap_or_else(|| compile_host_with(res, h, &cache)))
         .collect()
 }
 
@@ -363,30 +367,19 @@ fn walk(
     default
 }
 
-pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
-    let default = default_verdict(res);
-    let vms: Vec<usize> = {
-        let mut v: Vec<usize> = (0..res.vms.len())
-            .filter(|&i| res.vms[i].host == host)
-            .collect();
-        v.sort_by(|&a, &b| res.vms[a].name.cmp(&res.vms[b].name));
-        v
-    };
-    // (1) entry lists.
-    let lists: Vec<[Vec<Entry>; 2]> = vms
-        .iter()
-        .map(|&v| [res.entries(v, DIR_EGRESS), res.entries(v, DIR_INGRESS)])
-        .collect();
-    // (2) identities.
-    let mut used: BTreeSet<usize> = BTreeSet::new();
-    let mut svcs: BTreeSet<SvcEntry> = BTreeSet::new();
-    for l in lists.iter().flatten().flatten() {
-        if l.peers != usize::MAX {
-            used.insert(l.peers);
-        }
-        svcs.extend(res.entry_svc(l).iter().copied());
-    }
-    let used: Vec<usize> = used.into_iter().collect();
+/// A host's identities: the classes of addresses its entries' peer sets tell apart, the
+/// ipcache that maps addresses to them, and per used set the identities inside it. They
+/// depend only on which sets the host's entries use, so hosts using the same sets (usually
+/// most of them) share one computation.
+pub(crate) struct Identities {
+    local: FxMap<usize, u32>,
+    ipcache: Vec<IpcacheEntry>,
+    /// Local set → identities containing it.
+    inv: Vec<Vec<u32>>,
+    nids: u32,
+}
+
+fn identities(res: &Resolved, used: &[usize]) -> Identities {
     let local: FxMap<usize, u32> = used
         .iter()
         .enumerate()
@@ -476,6 +469,67 @@ pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
             inv[s as usize].push(id as u32);
         }
     }
+    Identities {
+        local,
+        ipcache,
+        inv,
+        nids,
+    }
+}
+
+/// [`Identities`] per distinct list of used sets, shared by the hosts of one compile.
+#[derive(Default)]
+pub struct IdentityCache(
+    std::sync::Mutex<FxMap<Vec<usize>, std::sync::Arc<std::sync::OnceLock<Identities>>>>,
+);
+
+impl IdentityCache {
+    /// The slot for hosts using `used`; filled by the first of them (outside the map's lock,
+    /// so that other hosts' lookups go on meanwhile).
+    fn slot(&self, used: &[usize]) -> std::sync::Arc<std::sync::OnceLock<Identities>> {
+        // A panic while holding the lock leaves the map intact.
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(used.to_vec()).or_default().clone()
+    }
+}
+
+pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
+    compile_host_with(res, host, &IdentityCache::default())
+}
+
+/// [`compile_host`] with identities shared through `cache` (one cache per [`Resolved`]).
+pub fn compile_host_with(res: &Resolved, host: &str, cache: &IdentityCache) -> HostOutput {
+    let default = default_verdict(res);
+    let vms: Vec<usize> = {
+        let mut v: Vec<usize> = (0..res.vms.len())
+            .filter(|&i| res.vms[i].host == host)
+            .collect();
+        v.sort_by(|&a, &b| res.vms[a].name.cmp(&res.vms[b].name));
+        v
+    };
+    // (1) entry lists.
+    let lists: Vec<[Vec<Entry>; 2]> = vms
+        .iter()
+        .map(|&v| [res.entries(v, DIR_EGRESS), res.entries(v, DIR_INGRESS)])
+        .collect();
+    // (2) identities.
+    let mut used: BTreeSet<usize> = BTreeSet::new();
+    let mut svcs: BTreeSet<SvcEntry> = BTreeSet::new();
+    for l in lists.iter().flatten().flatten() {
+        if l.peers != usize::MAX {
+            used.insert(l.peers);
+        }
+        svcs.extend(res.entry_svc(l).iter().copied());
+    }
+    let used: Vec<usize> = used.into_iter().collect();
+    let slot = cache.slot(&used);
+    let Identities {
+        local,
+        ipcache,
+        inv,
+        nids,
+    } = slot.get_or_init(|| identities(res, &used));
+    let (nids, ipcache) = (*nids, ipcache.clone());
     // (3) port classes.
     let pc = PortClasses::build(&svcs);
     let protos: BTreeSet<u8> = svcs.iter().filter_map(|s| s.proto).collect();
