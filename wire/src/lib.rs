@@ -276,186 +276,241 @@ pub fn tables_from_pb(p: &pb::Tables) -> Result<HostTables, WireError> {
 
 /// Protobuf encoding written straight from [`HostTables`], byte for byte what prost makes of
 /// [`tables_to_pb`] (proto3: fields in number order, zero scalars and empty strings left out,
-/// repeated elements always written) without building the intermediate messages.
+/// repeated elements always written) without building the intermediate messages. Every field
+/// number here is below 16, so every key is one byte.
 mod encode {
     use super::*;
-    use prost::encoding::{encode_varint, encoded_len_varint};
 
-    const LEN: u64 = 2;
-    const VARINT: u64 = 0;
+    const VARINT: u8 = 0;
+    const LEN: u8 = 2;
 
-    fn key(b: &mut Vec<u8>, field: u64, wire: u64) {
-        encode_varint(field << 3 | wire, b);
+    #[inline]
+    fn varint_len(v: u64) -> usize {
+        (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
     }
-    fn len_of_key(field: u64) -> usize {
-        encoded_len_varint(field << 3)
+    #[inline]
+    fn varint(b: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            b.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        b.push(v as u8);
+    }
+    #[inline]
+    fn key(b: &mut Vec<u8>, field: u8, wire: u8) {
+        b.push(field << 3 | wire);
     }
     /// A scalar field (left out when zero).
-    fn uint(b: &mut Vec<u8>, field: u64, v: u32) {
+    #[inline]
+    fn uint(b: &mut Vec<u8>, field: u8, v: u32) {
         if v != 0 {
             key(b, field, VARINT);
-            encode_varint(u64::from(v), b);
+            varint(b, u64::from(v));
         }
     }
-    fn len_of_uint(field: u64, v: u32) -> usize {
+    #[inline]
+    fn len_uint(v: u32) -> usize {
         if v == 0 {
             0
         } else {
-            len_of_key(field) + encoded_len_varint(u64::from(v))
+            1 + varint_len(u64::from(v))
         }
     }
     /// A string or bytes element of a repeated field (always written).
-    fn bytes_elem(b: &mut Vec<u8>, field: u64, v: &[u8]) {
+    #[inline]
+    fn bytes_elem(b: &mut Vec<u8>, field: u8, v: &[u8]) {
         key(b, field, LEN);
-        encode_varint(v.len() as u64, b);
+        varint(b, v.len() as u64);
         b.extend_from_slice(v);
     }
-    fn len_of_bytes_elem(field: u64, n: usize) -> usize {
-        len_of_key(field) + encoded_len_varint(n as u64) + n
+    #[inline]
+    fn len_bytes_elem(n: usize) -> usize {
+        1 + varint_len(n as u64) + n
     }
     /// A singular string or bytes field (left out when empty).
-    fn bytes(b: &mut Vec<u8>, field: u64, v: &[u8]) {
+    #[inline]
+    fn bytes(b: &mut Vec<u8>, field: u8, v: &[u8]) {
         if !v.is_empty() {
             bytes_elem(b, field, v);
         }
     }
-    fn len_of_bytes(field: u64, n: usize) -> usize {
+    #[inline]
+    fn len_bytes(n: usize) -> usize {
         if n == 0 {
             0
         } else {
-            len_of_bytes_elem(field, n)
+            len_bytes_elem(n)
         }
     }
-    fn message(b: &mut Vec<u8>, field: u64, len: usize, body: impl FnOnce(&mut Vec<u8>)) {
+    /// Key and length of an embedded message.
+    #[inline]
+    fn message(b: &mut Vec<u8>, field: u8, len: usize) {
         key(b, field, LEN);
-        encode_varint(len as u64, b);
-        let at = b.len();
-        body(b);
-        debug_assert_eq!(b.len() - at, len, "encoded length of field {field}");
+        varint(b, len as u64);
     }
-
-    fn addr_len(a: &IpAddr) -> usize {
-        if a.is_ipv4() {
-            4
-        } else {
-            16
-        }
-    }
-    fn addr(b: &mut Vec<u8>, field: u64, a: &IpAddr, elem: bool) {
-        let o4;
-        let o6;
-        let v: &[u8] = match a {
+    #[inline]
+    fn octets(a: &IpAddr) -> ([u8; 16], usize) {
+        let mut o = [0u8; 16];
+        match a {
             IpAddr::V4(v) => {
-                o4 = v.octets();
-                &o4
+                o[..4].copy_from_slice(&v.octets());
+                (o, 4)
             }
-            IpAddr::V6(v) => {
-                o6 = v.octets();
-                &o6
-            }
-        };
-        if elem {
-            bytes_elem(b, field, v)
-        } else {
-            bytes(b, field, v)
+            IpAddr::V6(v) => (v.octets(), 16),
         }
     }
 
-    fn endpoint_len(e: &EndpointTable) -> usize {
-        len_of_bytes(1, e.id.len())
-            + len_of_bytes(2, e.mac.len())
-            + e.addrs
-                .iter()
-                .map(|a| len_of_bytes_elem(3, addr_len(a)))
-                .sum::<usize>()
-            + len_of_uint(4, e.flags)
-    }
     fn endpoint(b: &mut Vec<u8>, e: &EndpointTable) {
+        let addrs: usize = e
+            .addrs
+            .iter()
+            .map(|a| len_bytes_elem(if a.is_ipv4() { 4 } else { 16 }))
+            .sum();
+        let len = len_bytes(e.id.len()) + len_bytes(e.mac.len()) + addrs + len_uint(e.flags);
+        message(b, 1, len);
         bytes(b, 1, e.id.as_bytes());
         bytes(b, 2, &e.mac);
         for a in &e.addrs {
-            addr(b, 3, a, true);
+            let (o, n) = octets(a);
+            bytes_elem(b, 3, &o[..n]);
         }
         uint(b, 4, e.flags);
     }
-    fn ipcache_len(e: &IpcacheEntry) -> usize {
-        len_of_bytes(1, addr_len(&e.addr))
-            + len_of_uint(2, u32::from(e.prefix_len))
-            + len_of_uint(3, e.identity)
+    /// Varint into a small buffer at `at`; returns the new position.
+    #[inline]
+    fn put_varint(x: &mut [u8], mut at: usize, mut v: u32) -> usize {
+        while v >= 0x80 {
+            x[at] = v as u8 | 0x80;
+            v >>= 7;
+            at += 1;
+        }
+        x[at] = v as u8;
+        at + 1
     }
+    /// One ipcache element, assembled on the stack (its body is at most 27 bytes, so its
+    /// length is one byte) and appended at once: the bulk of large tables.
+    #[inline]
     fn ipcache(b: &mut Vec<u8>, e: &IpcacheEntry) {
-        addr(b, 1, &e.addr, false);
-        uint(b, 2, u32::from(e.prefix_len));
-        uint(b, 3, e.identity);
-    }
-    fn port_class_len(r: &PortClassRange) -> usize {
-        len_of_uint(1, r.kind)
-            + len_of_uint(2, u32::from(r.first))
-            + len_of_uint(3, u32::from(r.last))
-            + len_of_uint(4, r.class)
+        let (o, n) = octets(&e.addr);
+        let (plen, id) = (u32::from(e.prefix_len), e.identity);
+        let mut x = [0u8; 32];
+        x[0] = 2 << 3 | LEN;
+        x[1] = (2 + n + len_uint(plen) + len_uint(id)) as u8;
+        x[2] = 1 << 3 | LEN;
+        x[3] = n as u8;
+        x[4..4 + n].copy_from_slice(&o[..n]);
+        let mut at = 4 + n;
+        if plen != 0 {
+            x[at] = 2 << 3 | VARINT;
+            at = put_varint(&mut x, at + 1, plen);
+        }
+        if id != 0 {
+            x[at] = 3 << 3 | VARINT;
+            at = put_varint(&mut x, at + 1, id);
+        }
+        b.extend_from_slice(&x[..at]);
     }
     fn port_class(b: &mut Vec<u8>, r: &PortClassRange) {
+        let (first, last) = (u32::from(r.first), u32::from(r.last));
+        message(
+            b,
+            3,
+            len_uint(r.kind) + len_uint(first) + len_uint(last) + len_uint(r.class),
+        );
         uint(b, 1, r.kind);
-        uint(b, 2, u32::from(r.first));
-        uint(b, 3, u32::from(r.last));
+        uint(b, 2, first);
+        uint(b, 3, last);
         uint(b, 4, r.class);
     }
-    fn policy_len(id: &str, k: &PolicyKey, v: &Verdict) -> usize {
-        len_of_bytes(1, id.len())
-            + len_of_uint(2, k.identity)
-            + len_of_uint(3, k.port_class)
-            + len_of_uint(4, u32::from(k.direction))
-            + len_of_uint(5, u32::from(k.proto))
-            + len_of_uint(6, u32::from(v.action))
-            + len_of_uint(7, u32::from(v.flags))
-            + len_of_uint(8, v.rule)
-    }
     fn policy(b: &mut Vec<u8>, id: &str, k: &PolicyKey, v: &Verdict) {
+        let (dir, proto) = (u32::from(k.direction), u32::from(k.proto));
+        let (action, flags) = (u32::from(v.action), u32::from(v.flags));
+        let len = len_bytes(id.len())
+            + len_uint(k.identity)
+            + len_uint(k.port_class)
+            + len_uint(dir)
+            + len_uint(proto)
+            + len_uint(action)
+            + len_uint(flags)
+            + len_uint(v.rule);
+        message(b, 4, len);
         bytes(b, 1, id.as_bytes());
         uint(b, 2, k.identity);
         uint(b, 3, k.port_class);
-        uint(b, 4, u32::from(k.direction));
-        uint(b, 5, u32::from(k.proto));
-        uint(b, 6, u32::from(v.action));
-        uint(b, 7, u32::from(v.flags));
+        uint(b, 4, dir);
+        uint(b, 5, proto);
+        uint(b, 6, action);
+        uint(b, 7, flags);
         uint(b, 8, v.rule);
     }
 
-    /// `pb::Tables` encoding of canonical tables.
-    pub(super) fn tables(t: &HostTables) -> Vec<u8> {
-        let id = |slot: u32| t.endpoints.get(slot as usize).map_or("", |e| e.id.as_str());
-        let mut b = Vec::with_capacity(
-            64 + t.ipcache.len() * 12 + t.policy.len() * 40 + t.endpoints.len() * 64,
-        );
+    /// `pb::Tables` encoding of canonical tables into `b`; `flush` is offered the buffer
+    /// after every element (to hash it in pieces instead of holding it whole).
+    pub(super) fn tables(t: &HostTables, b: &mut Vec<u8>, flush: &mut dyn FnMut(&mut Vec<u8>)) {
         for e in &t.endpoints {
-            message(&mut b, 1, endpoint_len(e), |b| endpoint(b, e));
+            endpoint(b, e);
+            flush(b);
         }
-        for e in &t.ipcache {
-            message(&mut b, 2, ipcache_len(e), |b| ipcache(b, e));
+        // The bulk of large tables: flushed in runs.
+        for run in t.ipcache.chunks(256) {
+            b.reserve(run.len() * 29);
+            for e in run {
+                ipcache(b, e);
+            }
+            flush(b);
         }
         for r in &t.port_classes {
-            message(&mut b, 3, port_class_len(r), |b| port_class(b, r));
+            port_class(b, r);
         }
+        flush(b);
+        let id = |slot: u32| t.endpoints.get(slot as usize).map_or("", |e| e.id.as_str());
         for (k, v) in &t.policy {
-            let i = id(k.slot);
-            message(&mut b, 4, policy_len(i, k, v), |b| policy(b, i, k, v));
+            policy(b, id(k.slot), k, v);
+            flush(b);
         }
         for r in &t.rules {
-            bytes_elem(&mut b, 5, r.as_bytes());
+            bytes_elem(b, 5, r.as_bytes());
+            flush(b);
         }
-        b
+    }
+
+    /// An upper bound on the encoded size, for one allocation.
+    pub(super) fn size_hint(t: &HostTables) -> usize {
+        64 + t.ipcache.len() * 24
+            + t.policy.len() * 48
+            + t.port_classes.len() * 16
+            + t.endpoints
+                .iter()
+                .map(|e| e.id.len() + 24 + e.addrs.len() * 18)
+                .sum::<usize>()
+            + t.rules.iter().map(|r| r.len() + 6).sum::<usize>()
     }
 }
 
 /// The canonical wire encoding of the tables (what [`digest`] hashes): the protobuf encoding
 /// of [`tables_to_pb`], written directly.
 pub fn encode_tables(t: &HostTables) -> Vec<u8> {
-    encode::tables(&canonical(t))
+    let t = canonical(t);
+    let mut b = Vec::with_capacity(encode::size_hint(&t));
+    encode::tables(&t, &mut b, &mut |_| {});
+    b
 }
 
-/// The digest both ends name tables by: SHA-256 of the canonical wire encoding, hex.
+/// The digest both ends name tables by: SHA-256 of the canonical wire encoding, hex. The
+/// encoding is hashed in pieces as it is written, never held whole.
 pub fn digest(t: &HostTables) -> String {
-    hex(&Sha256::digest(encode_tables(t)))
+    const PIECE: usize = 16 << 10;
+    let t = canonical(t);
+    let mut h = Sha256::new();
+    let mut b = Vec::with_capacity(PIECE + 4096);
+    encode::tables(&t, &mut b, &mut |b| {
+        if b.len() >= PIECE {
+            h.update(&b[..]);
+            b.clear();
+        }
+    });
+    h.update(&b);
+    hex(&h.finalize())
 }
 
 pub fn hex(b: &[u8]) -> String {
@@ -783,7 +838,12 @@ mod tests {
                 id: if i == 0 && r.below(8) == 0 {
                     String::new()
                 } else {
-                    format!("vm-{}/{i}", r.below(300))
+                    // Some long enough for two-byte lengths.
+                    format!(
+                        "vm-{}/{i}{}",
+                        r.below(300),
+                        "x".repeat(r.below(3) as usize * 90)
+                    )
                 },
                 mac: [0x52, 0x54, 0, 0, r.below(3) as u8, i as u8],
                 addrs: (0..r.below(4)).map(|_| addr(r)).collect(),
