@@ -88,7 +88,7 @@ pub fn compile_hosts(res: &Resolved, hosts: &[String]) -> Vec<HostOutput> {
     let n = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(hosts.len().max(1));
-    let cache = IdentityCache::default();
+    let cache = CompileCache::default();
     if n <= 1 || hosts.len() < 2 {
         return hosts
             .iter()
@@ -477,36 +477,48 @@ fn identities(res: &Resolved, used: &[usize]) -> Identities {
     }
 }
 
-/// [`Identities`] per distinct list of used sets, shared by the hosts of one compile.
+/// What the hosts of one compile share: [`Identities`] per distinct list of used sets, and
+/// which VMs each host runs (one pass over the inventory instead of one per host).
 #[derive(Default)]
-pub struct IdentityCache(
-    std::sync::Mutex<FxMap<Vec<usize>, std::sync::Arc<std::sync::OnceLock<Identities>>>>,
-);
+pub struct CompileCache {
+    identities:
+        std::sync::Mutex<FxMap<Vec<usize>, std::sync::Arc<std::sync::OnceLock<Identities>>>>,
+    by_host: std::sync::OnceLock<HashMap<String, Vec<usize>>>,
+}
 
-impl IdentityCache {
+impl CompileCache {
     /// The slot for hosts using `used`; filled by the first of them (outside the map's lock,
     /// so that other hosts' lookups go on meanwhile).
     fn slot(&self, used: &[usize]) -> std::sync::Arc<std::sync::OnceLock<Identities>> {
         // A panic while holding the lock leaves the map intact.
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.identities.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(used.to_vec()).or_default().clone()
+    }
+
+    /// The VMs of `host`, sorted by name.
+    fn vms(&self, res: &Resolved, host: &str) -> Vec<usize> {
+        let by_host = self.by_host.get_or_init(|| {
+            let mut m: HashMap<String, Vec<usize>> = HashMap::new();
+            for (i, vm) in res.vms.iter().enumerate() {
+                m.entry(vm.host.clone()).or_default().push(i);
+            }
+            for v in m.values_mut() {
+                v.sort_by(|&a, &b| res.vms[a].name.cmp(&res.vms[b].name));
+            }
+            m
+        });
+        by_host.get(host).cloned().unwrap_or_default()
     }
 }
 
 pub fn compile_host(res: &Resolved, host: &str) -> HostOutput {
-    compile_host_with(res, host, &IdentityCache::default())
+    compile_host_with(res, host, &CompileCache::default())
 }
 
-/// [`compile_host`] with identities shared through `cache` (one cache per [`Resolved`]).
-pub fn compile_host_with(res: &Resolved, host: &str, cache: &IdentityCache) -> HostOutput {
+/// [`compile_host`] with what hosts share kept in `cache` (one cache per [`Resolved`]).
+pub fn compile_host_with(res: &Resolved, host: &str, cache: &CompileCache) -> HostOutput {
     let default = default_verdict(res);
-    let vms: Vec<usize> = {
-        let mut v: Vec<usize> = (0..res.vms.len())
-            .filter(|&i| res.vms[i].host == host)
-            .collect();
-        v.sort_by(|&a, &b| res.vms[a].name.cmp(&res.vms[b].name));
-        v
-    };
+    let vms = cache.vms(res, host);
     // (1) entry lists.
     let lists: Vec<[Vec<Entry>; 2]> = vms
         .iter()
