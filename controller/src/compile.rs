@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use bulkhead_abi::model::HostTables;
-use bulkhead_policy::load::{load_sources_live, LoadError, Source};
+use bulkhead_policy::load::{load_sources_live, load_sources_live_parsed, LoadError, Source};
 use bulkhead_policy::types::{Interface, Inventory, Vm};
 
 use crate::InventoryVm;
@@ -70,9 +70,19 @@ pub fn compile_tree(
             std::fs::read_to_string(&p).map_err(|e| vec![format!("{}: {e}", rel(&p).display())])?;
         files.push(Source::new(rel(&p), text));
     }
-    let inv_text = serde_yaml::to_string(&inventory(vms)).map_err(|e| vec![e.to_string()])?;
-    let inv = Source::new("<inventory reported by the agents>", inv_text);
-    match load_sources_live(files, inv) {
+    const INVENTORY: &str = "<inventory reported by the agents>";
+    // The inventory goes in as data (rendering and parsing it as YAML took longer than
+    // compiling); only when it is invalid is it rendered, to locate the errors.
+    let loaded =
+        match load_sources_live_parsed(files.clone(), Source::new(INVENTORY, ""), inventory(vms)) {
+            Err(LoadError::Invalid(_)) => {
+                let text =
+                    serde_yaml::to_string(&inventory(vms)).map_err(|e| vec![e.to_string()])?;
+                load_sources_live(files, Source::new(INVENTORY, text))
+            }
+            other => other,
+        };
+    match loaded {
         Ok((_, resolved)) => Ok(bulkhead_policy::compile(&resolved)
             .hosts
             .into_iter()
@@ -86,5 +96,71 @@ pub fn compile_tree(
             .collect()),
         Err(LoadError::Invalid(diags)) => Err(diags.iter().map(|d| d.to_string()).collect()),
         Err(e) => Err(vec![e.to_string()]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_wire::pb;
+
+    fn vm(host: &str, name: &str, addr: &str) -> InventoryVm {
+        InventoryVm {
+            host: host.into(),
+            vm: pb::Vm {
+                name: name.into(),
+                uuid: format!("uuid-{name}"),
+                labels: [("role".to_string(), "web".to_string())].into(),
+                interfaces: vec![pb::Interface {
+                    device: "vnet0".into(),
+                    mac: vec![0x52, 0x54, 0, 0, 0, name.len() as u8],
+                    addresses: vec![addr.into()],
+                }],
+            },
+        }
+    }
+
+    fn tree() -> tempfile::TempDir {
+        let t = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            t.path().join("p.yaml"),
+            "settings:\n  tiers: [app]\n  default_action: deny\n\
+             groups:\n  - name: web\n    members: [{labels: {role: web}}]\n\
+             policies:\n  - name: web\n    tier: app\n    priority: 1\n    applies_to: [{group: web}]\n    ingress:\n      - id: web-to-web\n        action: allow\n        peers: [{group: web}]\n",
+        )
+        .expect("write");
+        t
+    }
+
+    #[test]
+    fn reported_inventory_compiles_and_its_errors_are_located() {
+        let t = tree();
+        let hosts = compile_tree(
+            t.path(),
+            &[vm("hv-1", "a", "10.0.0.1"), vm("hv-2", "bb", "10.0.0.2")],
+        )
+        .expect("compiles");
+        assert_eq!(hosts.keys().collect::<Vec<_>>(), ["hv-1", "hv-2"]);
+        assert!(hosts["hv-1"]
+            .ipcache
+            .iter()
+            .any(|e| e.addr == "10.0.0.2".parse::<std::net::IpAddr>().unwrap()));
+
+        let errors = compile_tree(
+            t.path(),
+            &[
+                vm("hv-1", "a", "10.0.0.1"),
+                vm("hv-2", "bb", "not-an-address"),
+            ],
+        )
+        .expect_err("an invalid address is an error");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("<inventory reported by the agents>:")
+                    && e.contains("not-an-address")
+                    && !e.contains(":1:1:")),
+            "{errors:?}"
+        );
     }
 }
