@@ -112,6 +112,7 @@ async fn agent(
     };
     let mut inbound = resp.into_inner();
     let mut held = bulkhead_abi::model::HostTables::default();
+    let mut held_digest = bulkhead_wire::digest(&held);
     while let Ok(Some(msg)) = inbound.message().await {
         let (digest, tables) = match msg.kind {
             Some(pb::controller_message::Kind::Snapshot(s)) => {
@@ -120,7 +121,9 @@ async fn agent(
                 (s.digest, t)
             }
             Some(pb::controller_message::Kind::Delta(d)) => {
-                match bulkhead_wire::apply_delta(&held, &d) {
+                // As the real agent does: the base is named by the digest it acknowledged;
+                // the result is hashed and checked against the delta's digest.
+                match bulkhead_wire::apply_delta_to(&held, &held_digest, &d) {
                     Ok(t) => (d.digest, t),
                     // As the real agent does: keep what it has, ask for a snapshot.
                     Err(_) => {
@@ -140,6 +143,7 @@ async fn agent(
             None => continue,
         };
         held = tables;
+        held_digest = digest.clone();
         let _ = acked.send((host, digest.clone(), Instant::now()));
         let _ = tx
             .send(pb::AgentMessage {
