@@ -90,6 +90,8 @@ pub fn unix_now() -> i64 {
 
 const KNOWN_PER_HOST: usize = 4;
 
+const REJECTED_KEPT: usize = 50;
+
 /// Name each host's tables by their digest (work over every table of every host: done before
 /// the state lock is taken, on all cores).
 fn with_digests(hosts: BTreeMap<String, HostTables>) -> BTreeMap<String, HostTablesRev> {
@@ -133,7 +135,6 @@ fn with_digests(hosts: BTreeMap<String, HostTables>) -> BTreeMap<String, HostTab
         })
         .collect()
 }
-const REJECTED_KEPT: usize = 50;
 
 pub struct Controller {
     pub repo: Repo,
@@ -201,10 +202,11 @@ impl Controller {
         tracing::info!(commit = %head, author = %revision.author, summary = %revision.summary, "new commit");
         let inventory = self.inventory();
         let started = Instant::now();
-        let result = (self.compile)(dir.path(), &inventory.0).map(with_digests);
+        let result = (self.compile)(dir.path(), &inventory.0);
         self.metrics
             .compile_seconds
             .observe(started.elapsed().as_secs_f64());
+        let result = result.map(with_digests);
         let mut st = self.state();
         st.seen_commit = head.clone();
         match result {
@@ -272,10 +274,11 @@ impl Controller {
             (rev.clone(), dir.path().to_path_buf(), *detected)
         };
         let started = Instant::now();
-        let result = (self.compile)(&dir, &inventory.0).map(with_digests);
+        let result = (self.compile)(&dir, &inventory.0);
         self.metrics
             .compile_seconds
             .observe(started.elapsed().as_secs_f64());
+        let result = result.map(with_digests);
         let mut st = self.state();
         match result {
             Ok(hosts) => {
