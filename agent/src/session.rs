@@ -210,8 +210,13 @@ async fn handle(shared: &Shared, msg: pb::ControllerMessage) -> pb::Ack {
                     }
                 }
                 Some(pb::controller_message::Kind::Delta(d)) => {
-                    let base = e.current().map(|a| a.tables.clone()).unwrap_or_default();
-                    match bulkhead_wire::apply_delta(&base, &d) {
+                    // The digest of what we hold is the one we acknowledged: no need to
+                    // hash the tables again (the result's digest is still checked).
+                    let applied = match e.current() {
+                        Some(a) => bulkhead_wire::apply_delta_to(&a.tables, &a.digest, &d),
+                        None => bulkhead_wire::apply_delta(&Default::default(), &d),
+                    };
+                    match applied {
                         Ok(tables) => Applied {
                             revision: d.revision.unwrap_or_default(),
                             digest: d.digest,

@@ -4,8 +4,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use bulkhead_abi::model::HostTables;
-use bulkhead_policy::load::{load_sources_live, LoadError, Source};
+use bulkhead_policy::load::{
+    load_sources_live, load_sources_live_parsed, LoadError, PolicySet, Source,
+};
 use bulkhead_policy::types::{Interface, Inventory, Vm};
+use bulkhead_policy::Resolved;
 
 use crate::InventoryVm;
 
@@ -47,8 +50,8 @@ pub fn inventory(vms: &[InventoryVm]) -> Inventory {
     }
 }
 
-/// A commit's policy files and the reported inventory as compiler sources.
-fn sources(tree: &Path, vms: &[InventoryVm]) -> Result<(Vec<Source>, Source), Vec<String>> {
+/// A commit's policy files as compiler sources.
+fn sources(tree: &Path) -> Result<Vec<Source>, Vec<String>> {
     let dir = policy_dir(tree);
     let rel = |p: &Path| p.strip_prefix(tree).unwrap_or(p).to_path_buf();
     let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -66,9 +69,23 @@ fn sources(tree: &Path, vms: &[InventoryVm]) -> Result<(Vec<Source>, Source), Ve
             std::fs::read_to_string(&p).map_err(|e| vec![format!("{}: {e}", rel(&p).display())])?;
         files.push(Source::new(rel(&p), text));
     }
-    let inv_text = serde_yaml::to_string(&inventory(vms)).map_err(|e| vec![e.to_string()])?;
-    let inv = Source::new("<inventory reported by the agents>", inv_text);
-    Ok((files, inv))
+    Ok(files)
+}
+
+/// Load a commit's tree with the reported inventory. The inventory goes in as data
+/// (rendering and parsing it as YAML took longer than compiling); only when it is invalid is
+/// it rendered, to locate the errors.
+fn load_tree(tree: &Path, vms: &[InventoryVm]) -> Result<(PolicySet, Resolved), Vec<String>> {
+    const INVENTORY: &str = "<inventory reported by the agents>";
+    let files = sources(tree)?;
+    match load_sources_live_parsed(files.clone(), Source::new(INVENTORY, ""), inventory(vms)) {
+        Err(LoadError::Invalid(_)) => {
+            let text = serde_yaml::to_string(&inventory(vms)).map_err(|e| vec![e.to_string()])?;
+            load_sources_live(files, Source::new(INVENTORY, text))
+        }
+        other => other,
+    }
+    .map_err(load_errors)
 }
 
 fn load_errors(e: LoadError) -> Vec<String> {
@@ -84,12 +101,17 @@ pub fn compile_tree(
     tree: &Path,
     vms: &[InventoryVm],
 ) -> Result<BTreeMap<String, HostTables>, Vec<String>> {
-    let (files, inv) = sources(tree, vms)?;
-    let (_, resolved) = load_sources_live(files, inv).map_err(load_errors)?;
+    let (_, resolved) = load_tree(tree, vms)?;
     Ok(bulkhead_policy::compile(&resolved)
         .hosts
         .into_iter()
-        .map(|(h, out)| (h, out.tables.clone()))
+        // The compiler hands each host out once: take the tables rather than copy them.
+        .map(|(h, out)| {
+            let tables = std::sync::Arc::try_unwrap(out)
+                .map(|o| o.tables)
+                .unwrap_or_else(|shared| shared.tables.clone());
+            (h, tables)
+        })
         .collect())
 }
 
@@ -180,8 +202,7 @@ pub struct TreeAnalysis {
 
 /// Load, compile and lint a commit's tree for the reported inventory.
 pub fn analyse_tree(tree: &Path, vms: &[InventoryVm]) -> Result<TreeAnalysis, Vec<String>> {
-    let (files, inv) = sources(tree, vms)?;
-    let (set, res) = load_sources_live(files, inv).map_err(load_errors)?;
+    let (set, res) = load_tree(tree, vms)?;
     let compiled = bulkhead_policy::compile(&res);
     let findings = bulkhead_policy::lint::lint(&set, &res, &compiled);
     let specials = 1 + res.system.len() + res.quarantine.len();
@@ -246,4 +267,70 @@ pub fn analyse_tree(tree: &Path, vms: &[InventoryVm]) -> Result<TreeAnalysis, Ve
             .map(|(v, _)| (v.name.clone(), v.host.clone()))
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_wire::pb;
+
+    fn vm(host: &str, name: &str, addr: &str) -> InventoryVm {
+        InventoryVm {
+            host: host.into(),
+            vm: pb::Vm {
+                name: name.into(),
+                uuid: format!("uuid-{name}"),
+                labels: [("role".to_string(), "web".to_string())].into(),
+                interfaces: vec![pb::Interface {
+                    device: "vnet0".into(),
+                    mac: vec![0x52, 0x54, 0, 0, 0, name.len() as u8],
+                    addresses: vec![addr.into()],
+                }],
+            },
+        }
+    }
+
+    fn tree() -> tempfile::TempDir {
+        let t = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            t.path().join("p.yaml"),
+            "settings:\n  tiers: [app]\n  default_action: deny\n\
+             groups:\n  - name: web\n    members: [{labels: {role: web}}]\n\
+             policies:\n  - name: web\n    tier: app\n    priority: 1\n    applies_to: [{group: web}]\n    ingress:\n      - id: web-to-web\n        action: allow\n        peers: [{group: web}]\n",
+        )
+        .expect("write");
+        t
+    }
+
+    #[test]
+    fn reported_inventory_compiles_and_its_errors_are_located() {
+        let t = tree();
+        let hosts = compile_tree(
+            t.path(),
+            &[vm("hv-1", "a", "10.0.0.1"), vm("hv-2", "bb", "10.0.0.2")],
+        )
+        .expect("compiles");
+        assert_eq!(hosts.keys().collect::<Vec<_>>(), ["hv-1", "hv-2"]);
+        assert!(hosts["hv-1"]
+            .ipcache
+            .iter()
+            .any(|e| e.addr == "10.0.0.2".parse::<std::net::IpAddr>().unwrap()));
+
+        let errors = compile_tree(
+            t.path(),
+            &[
+                vm("hv-1", "a", "10.0.0.1"),
+                vm("hv-2", "bb", "not-an-address"),
+            ],
+        )
+        .expect_err("an invalid address is an error");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("<inventory reported by the agents>:")
+                    && e.contains("not-an-address")
+                    && !e.contains(":1:1:")),
+            "{errors:?}"
+        );
+    }
 }

@@ -92,7 +92,52 @@ pub fn unix_now() -> i64 {
 }
 
 const KNOWN_PER_HOST: usize = 4;
+
 const REJECTED_KEPT: usize = 50;
+
+/// Name each host's tables by their digest (work over every table of every host: done before
+/// the state lock is taken, on all cores).
+fn with_digests(hosts: BTreeMap<String, HostTables>) -> BTreeMap<String, HostTablesRev> {
+    let hosts: Vec<(String, HostTables)> = hosts.into_iter().collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(hosts.len() / 64 + 1);
+    let chunk = hosts.len().div_ceil(threads).max(1);
+    let digests: Vec<String> = std::thread::scope(|s| {
+        let workers: Vec<_> = hosts
+            .chunks(chunk)
+            .map(|c| {
+                s.spawn(move || {
+                    c.iter()
+                        .map(|(_, t)| bulkhead_wire::digest(t))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .zip(hosts.chunks(chunk))
+            .flat_map(|(w, c)| {
+                // A digest cannot panic; should a worker die anyway, redo its share here.
+                w.join()
+                    .unwrap_or_else(|_| c.iter().map(|(_, t)| bulkhead_wire::digest(t)).collect())
+            })
+            .collect()
+    });
+    hosts
+        .into_iter()
+        .zip(digests)
+        .map(|((h, t), digest)| {
+            (
+                h,
+                HostTablesRev {
+                    digest,
+                    tables: Arc::new(t),
+                },
+            )
+        })
+        .collect()
+}
 
 pub struct Controller {
     pub repo: Repo,
@@ -178,6 +223,7 @@ impl Controller {
         self.metrics
             .compile_seconds
             .observe(started.elapsed().as_secs_f64());
+        let result = result.map(with_digests);
         let mut st = self.state();
         st.seen_commit = head.clone();
         match result {
@@ -263,6 +309,7 @@ impl Controller {
         self.metrics
             .compile_seconds
             .observe(started.elapsed().as_secs_f64());
+        let result = result.map(with_digests);
         let mut st = self.state();
         match result {
             Ok(hosts) => {
@@ -311,22 +358,10 @@ impl Controller {
         &self,
         st: &mut State,
         revision: pb::Revision,
-        hosts: BTreeMap<String, HostTables>,
+        hosts: BTreeMap<String, HostTablesRev>,
         inventory_versions: BTreeMap<String, u64>,
         detected_at: Instant,
     ) {
-        let hosts: BTreeMap<String, HostTablesRev> = hosts
-            .into_iter()
-            .map(|(h, t)| {
-                (
-                    h,
-                    HostTablesRev {
-                        digest: bulkhead_wire::digest(&t),
-                        tables: Arc::new(t),
-                    },
-                )
-            })
-            .collect();
         for (host, t) in &hosts {
             let h = st.hosts.entry(host.clone()).or_default();
             if !h.known.iter().any(|k| k.digest == t.digest) {

@@ -87,6 +87,9 @@ pub fn compile(res: &Resolved) -> Compiled {
     }
 }
 
+/// Identities computed once, by the first host that needs them.
+type EnvSlot = Arc<std::sync::OnceLock<Arc<IdentEnv>>>;
+
 /// What every host of one compile shares, computed once.
 pub(crate) struct Shared<'a> {
     res: &'a Resolved,
@@ -96,6 +99,9 @@ pub(crate) struct Shared<'a> {
     /// Host → its VMs sorted by name; built on first use (an incremental compile may need
     /// no host at all).
     by_host: std::sync::OnceLock<HashMap<&'a str, Vec<usize>>>,
+    /// Identities per distinct list of used peer sets: hosts using the same sets (usually
+    /// most of them) share one computation (at 1000 hosts × 10k addresses, 7-15 s -> 0.8 s).
+    envs: std::sync::Mutex<FxMap<Vec<usize>, EnvSlot>>,
 }
 
 impl<'a> Shared<'a> {
@@ -107,7 +113,20 @@ impl<'a> Shared<'a> {
             default: default_verdict(res),
             rules_enc,
             by_host: std::sync::OnceLock::new(),
+            envs: std::sync::Mutex::new(FxMap::default()),
         }
+    }
+
+    /// The identities for hosts using `used`; computed by the first of them, outside the
+    /// map's lock so that other hosts' lookups go on meanwhile.
+    fn env(&self, used: &[usize], key: impl FnOnce() -> Vec<u8>) -> Arc<IdentEnv> {
+        let slot = {
+            // A panic while holding the lock leaves the map intact.
+            let mut m = self.envs.lock().unwrap_or_else(|p| p.into_inner());
+            m.entry(used.to_vec()).or_default().clone()
+        };
+        slot.get_or_init(|| Arc::new(identities(self.res, used, key())))
+            .clone()
     }
 
     pub(crate) fn rules_enc(&self) -> &[u8] {
@@ -1038,10 +1057,10 @@ fn compile_host_in(
             let key: Vec<u8> = used.iter().flat_map(|&s| c.set_hash[s]).collect();
             match prev {
                 Some(p) if p.env.key == key => p.env.clone(),
-                _ => Arc::new(identities(res, &used, key)),
+                _ => sh.env(&used, move || key),
             }
         }
-        None => Arc::new(identities(res, &used, Vec::new())),
+        None => sh.env(&used, Vec::new),
     };
     // (3) port classes.
     let pc = PortClasses::build(&svcs);

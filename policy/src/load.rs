@@ -550,9 +550,29 @@ pub fn load_sources_live(
     load_sources_with(files, Some(inventory), true)
 }
 
+/// [`load_sources_live`] with the inventory already as data (the controller builds it from
+/// what its agents report): nothing to parse. `inventory` names it in diagnostics; its text
+/// may be left empty, then diagnostics about the inventory carry no line (a caller can load
+/// again from text to locate them — invalid inventories are rare, large ones are not).
+pub fn load_sources_live_parsed(
+    files: Vec<Source>,
+    inventory: Source,
+    parsed: Inventory,
+) -> Result<(PolicySet, Resolved), LoadError> {
+    load_sources_inner(files, Some((inventory, Some(parsed))), true)
+}
+
 fn load_sources_with(
     files: Vec<Source>,
     inventory: Option<Source>,
+    live_inventory: bool,
+) -> Result<(PolicySet, Resolved), LoadError> {
+    load_sources_inner(files, inventory.map(|s| (s, None)), live_inventory)
+}
+
+fn load_sources_inner(
+    files: Vec<Source>,
+    inventory: Option<(Source, Option<Inventory>)>,
     live_inventory: bool,
 ) -> Result<(PolicySet, Resolved), LoadError> {
     let mut diags = Vec::new();
@@ -569,11 +589,13 @@ fn load_sources_with(
             Err(e) => diags.push(yaml_diag(&src, &e)),
         }
     }
-    if let Some(src) = inventory {
-        match serde_yaml::from_str::<Inventory>(&src.text) {
+    match inventory {
+        Some((src, Some(i))) => set.inventory = Some((src, i)),
+        Some((src, None)) => match serde_yaml::from_str::<Inventory>(&src.text) {
             Ok(i) => set.inventory = Some((src, i)),
             Err(e) => diags.push(yaml_diag(&src, &e)),
-        }
+        },
+        None => {}
     }
     let parse_failed = !diags.is_empty();
     let resolved = Resolver::new(&set, &mut diags).run();

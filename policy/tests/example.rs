@@ -197,6 +197,14 @@ fn compile_is_deterministic() {
         assert!(t.policy.windows(2).all(|w| w[0].0 < w[1].0));
         assert_eq!(t.rules[0], "default");
     }
+    // Hosts of one compile share identities: each equals its host compiled alone.
+    for (host, out) in &ca.hosts {
+        assert_eq!(
+            **out,
+            bulkhead_policy::compile::compile_host(&a, host),
+            "{host}"
+        );
+    }
 }
 
 #[test]
