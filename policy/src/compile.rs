@@ -211,6 +211,9 @@ pub fn compile_hosts(res: &Resolved, hosts: &[String]) -> Vec<HostOutput> {
 pub(crate) struct IdentEnv {
     key: Vec<u8>,
     ipcache: Vec<IpcacheEntry>,
+    /// sha256 of the ipcache section of the canonical encoding: hashed once for every host
+    /// that shares these identities.
+    ipcache_digest: [u8; 32],
     /// Local set → identities whose addresses are all in it (ascending).
     inv: Vec<Vec<u32>>,
     nids: u32,
@@ -327,29 +330,61 @@ pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Canonical byte encoding of a host's tables (the input of the revision hash).
+/// Canonical byte encoding of a host's tables (the input of the revision hash). The ipcache
+/// section is its entry count and the sha256 of its entries: hosts share one ipcache, so it is
+/// hashed once per compile, not once per host.
 pub fn canonical_bytes(t: &HostTables) -> Vec<u8> {
     let mut e = Enc {
         b: Vec::new(),
         h: None,
     };
-    encode_head(t, &mut e);
+    encode_head(t, &ipcache_digest(&t.ipcache), &mut e);
     encode_rules(&t.rules, &mut e.b);
     e.b
 }
 
-/// sha256 of [`canonical_bytes`], with the rules section already encoded.
-fn revision_of(t: &HostTables, rules_enc: &[u8]) -> String {
+/// sha256 of [`canonical_bytes`], with the ipcache and rules sections already encoded.
+fn revision_of(t: &HostTables, ipcache: &[u8; 32], rules_enc: &[u8]) -> String {
     let mut h = Sha256::new();
     let mut e = Enc {
         b: Vec::with_capacity(ENC_CHUNK + 256),
         h: Some(&mut h),
     };
-    encode_head(t, &mut e);
+    encode_head(t, ipcache, &mut e);
     let rest = std::mem::take(&mut e.b);
     h.update(&rest);
     h.update(rules_enc);
     hex(&h.finalize())
+}
+
+fn ipcache_digest(ipcache: &[IpcacheEntry]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut e = Enc {
+        b: Vec::with_capacity(ENC_CHUNK + 64),
+        h: Some(&mut h),
+    };
+    for c in ipcache {
+        encode_ip(&mut e, &c.addr);
+        e.put(&[c.prefix_len]);
+        e.put(&c.identity.to_le_bytes());
+        e.flush();
+    }
+    let rest = std::mem::take(&mut e.b);
+    h.update(&rest);
+    h.finalize().into()
+}
+
+fn encode_ip(e: &mut Enc, a: &IpAddr) {
+    match a {
+        IpAddr::V4(v) => {
+            e.put(&[4]);
+            e.put(&v.octets());
+        }
+        IpAddr::V6(v) => {
+            e.put(&[6]);
+            e.put(&v.octets());
+        }
+    }
 }
 
 const ENC_CHUNK: usize = 1 << 16;
@@ -389,17 +424,8 @@ fn encode_rules(rules: &[String], b: &mut Vec<u8>) {
 }
 
 /// Everything of the canonical encoding but the rules section.
-fn encode_head(t: &HostTables, e: &mut Enc) {
-    let ip = |e: &mut Enc, a: &IpAddr| match a {
-        IpAddr::V4(v) => {
-            e.put(&[4]);
-            e.put(&v.octets());
-        }
-        IpAddr::V6(v) => {
-            e.put(&[6]);
-            e.put(&v.octets());
-        }
-    };
+fn encode_head(t: &HostTables, ipcache: &[u8; 32], e: &mut Enc) {
+    let ip = encode_ip;
     e.put(b"bulkhead-tables-v1");
     e.put(&(t.endpoints.len() as u32).to_le_bytes());
     for ep in &t.endpoints {
@@ -413,12 +439,7 @@ fn encode_head(t: &HostTables, e: &mut Enc) {
         e.flush();
     }
     e.put(&(t.ipcache.len() as u32).to_le_bytes());
-    for c in &t.ipcache {
-        ip(e, &c.addr);
-        e.put(&[c.prefix_len]);
-        e.put(&c.identity.to_le_bytes());
-        e.flush();
-    }
+    e.put(ipcache);
     e.put(&(t.port_classes.len() as u32).to_le_bytes());
     for r in &t.port_classes {
         e.put(&r.kind.to_le_bytes());
@@ -996,6 +1017,7 @@ fn identities(res: &Resolved, used: &[usize], key: Vec<u8>) -> IdentEnv {
     }
     IdentEnv {
         key,
+        ipcache_digest: ipcache_digest(&ipcache),
         ipcache,
         inv,
         nids,
@@ -1169,7 +1191,7 @@ fn compile_host_in(
         policy,
         rules: res.rule_ids(),
     };
-    let revision = revision_of(&tables, &sh.rules_enc);
+    let revision = revision_of(&tables, &env.ipcache_digest, &sh.rules_enc);
     let out = HostOutput {
         tables,
         revision,
