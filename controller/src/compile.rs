@@ -194,8 +194,8 @@ pub struct TreeAnalysis {
     /// Running VMs (name, host) that no policy applies to: only the default action (and
     /// system endpoints) judge their traffic.
     pub uncovered: Vec<(String, String)>,
-    /// Every rule with source, destination, protocol and ports (the assessors' rule table).
-    pub rule_rows: Vec<bulkhead_policy::export::RuleRow>,
+    /// Rows of the assessors' rule table (`bulkhead policy rules`).
+    pub rule_rows: usize,
     /// Per named group with VMs: (group, VMs, rules applying to them: ingress, egress).
     pub zones: Vec<(String, usize, usize, usize)>,
 }
@@ -229,27 +229,9 @@ pub fn analyse_tree(tree: &Path, vms: &[InventoryVm]) -> Result<TreeAnalysis, Ve
             }
         })
         .collect();
-    let zones = res
-        .groups
-        .iter()
-        .filter(|(_, vms, _)| !vms.is_empty())
-        .map(|(name, vms, _)| {
-            let applies = |dir| {
-                res.rules
-                    .iter()
-                    .filter(|r| r.dir == dir && r.applies.iter().any(|v| vms.contains(v)))
-                    .count()
-            };
-            (
-                name.clone(),
-                vms.len(),
-                applies(bulkhead_abi::DIR_INGRESS),
-                applies(bulkhead_abi::DIR_EGRESS),
-            )
-        })
-        .collect();
+    let zones = zones(&res);
     Ok(TreeAnalysis {
-        rule_rows: bulkhead_policy::export::rule_rows(&res),
+        rule_rows: bulkhead_policy::export::row_count(&res),
         zones,
         default_action: format!("{:?}", res.default_action).to_lowercase(),
         monitor_vms: res
@@ -267,6 +249,39 @@ pub fn analyse_tree(tree: &Path, vms: &[InventoryVm]) -> Result<TreeAnalysis, Ve
             .map(|(v, _)| (v.name.clone(), v.host.clone()))
             .collect(),
     })
+}
+
+/// Per named group with VMs: (group, VMs, ingress and egress rules applying to any of them).
+/// One pass over the rules' applied-to VMs, through each VM's groups.
+fn zones(res: &Resolved) -> Vec<(String, usize, usize, usize)> {
+    let mut groups_of: Vec<Vec<usize>> = vec![Vec::new(); res.vms.len()];
+    for (g, (_, vms, _)) in res.groups.iter().enumerate() {
+        for &v in vms {
+            if let Some(of) = groups_of.get_mut(v) {
+                of.push(g);
+            }
+        }
+    }
+    let mut counts = vec![[0usize; 2]; res.groups.len()];
+    // The last rule counted for each group: a rule counts once however many VMs it shares.
+    let mut counted = vec![usize::MAX; res.groups.len()];
+    for (ri, r) in res.rules.iter().enumerate() {
+        let d = usize::from(r.dir != bulkhead_abi::DIR_INGRESS);
+        for &v in &r.applies {
+            for &g in groups_of.get(v).map_or(&[][..], Vec::as_slice) {
+                if counted[g] != ri {
+                    counted[g] = ri;
+                    counts[g][d] += 1;
+                }
+            }
+        }
+    }
+    res.groups
+        .iter()
+        .zip(counts)
+        .filter(|((_, vms, _), _)| !vms.is_empty())
+        .map(|((name, vms, _), [i, e])| (name.clone(), vms.len(), i, e))
+        .collect()
 }
 
 #[cfg(test)]

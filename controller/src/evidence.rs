@@ -355,7 +355,7 @@ impl Controller {
                         ev.rule_analysis = Some(rule_analysis(&a, &hosts));
                         ev.rule_export = Some(format!(
                             "{} rule rows at commit {}, each with source and destination addresses, protocol and ports, in evaluation order: `bulkhead policy rules --csv` on that commit",
-                            a.rule_rows.len(),
+                            a.rule_rows,
                             rev.commit
                         ));
                         ev.zones = Some(

@@ -138,6 +138,16 @@ fn set_text(r: &Resolved, set: usize) -> String {
     r.sets.get(set).map(addr_set_text).unwrap_or_default()
 }
 
+/// How many rows [`rule_rows`] gives, without formatting them (for a summary).
+pub fn row_count(r: &Resolved) -> usize {
+    let quarantine: usize = r
+        .quarantine
+        .iter()
+        .map(|q| if q.full { 2 } else { 4 })
+        .sum();
+    2 * r.system.len() + quarantine + r.rules.len() + 2
+}
+
 /// Every rule of `r`, in evaluation order, then the default action.
 pub fn rule_rows(r: &Resolved) -> Vec<RuleRow> {
     let mut rows = Vec::new();

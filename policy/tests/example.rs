@@ -249,3 +249,11 @@ fn endpoint_flags_and_shared_addresses_reach_the_tables() {
     );
     assert_eq!(d.action, ACTION_ALLOW);
 }
+
+#[test]
+fn rule_table_rows_match_their_count() {
+    let (_, res) = example();
+    let rows = bulkhead_policy::export::rule_rows(&res);
+    assert_eq!(rows.len(), bulkhead_policy::export::row_count(&res));
+    assert!(rows.iter().any(|r| r.tier == "quarantine"));
+}
