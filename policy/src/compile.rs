@@ -259,7 +259,7 @@ fn list_key(res: &Resolved, list: &[Entry], local: &FxMap<usize, u32>) -> Vec<u8
     b
 }
 
-fn svc_key<'s>(b: &mut Vec<u8>, svc: impl ExactSizeIterator<Item = &'s SvcEntry>) {
+pub(crate) fn svc_key<'s>(b: &mut Vec<u8>, svc: impl ExactSizeIterator<Item = &'s SvcEntry>) {
     b.extend((svc.len() as u32).to_le_bytes());
     for s in svc {
         let (lo, hi) = s.range.unwrap_or((0, 0));
@@ -410,7 +410,7 @@ impl Enc<'_> {
     }
 }
 
-fn encode_str(b: &mut Vec<u8>, x: &str) {
+pub(crate) fn encode_str(b: &mut Vec<u8>, x: &str) {
     b.extend((x.len() as u32).to_le_bytes());
     b.extend(x.as_bytes());
 }

@@ -13,9 +13,10 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::compile::{
-    compile_host, compile_hosts_in, hex, Compiled, EnvCache, HostMemo, HostOutput, Shared,
+    compile_host, compile_hosts_in, encode_str, hex, svc_key, Compiled, EnvCache, HostMemo,
+    HostOutput, Shared,
 };
-use crate::load::{Resolved, SvcSet};
+use crate::load::Resolved;
 
 #[derive(Default)]
 pub struct Incremental {
@@ -84,25 +85,6 @@ fn put_ip(b: &mut Vec<u8>, a: &IpAddr) {
     }
 }
 
-fn put_str(b: &mut Vec<u8>, s: &str) {
-    b.extend((s.len() as u32).to_le_bytes());
-    b.extend(s.as_bytes());
-}
-
-fn put_svc(b: &mut Vec<u8>, svc: &SvcSet) {
-    b.extend((svc.len() as u32).to_le_bytes());
-    for s in svc {
-        let (lo, hi) = s.range.unwrap_or((0, 0));
-        b.extend([
-            s.proto.unwrap_or(0),
-            u8::from(s.proto.is_some()),
-            u8::from(s.range.is_some()),
-        ]);
-        b.extend(lo.to_le_bytes());
-        b.extend(hi.to_le_bytes());
-    }
-}
-
 /// sha256 of each address set's contents (sets are shared by many rules: digested once).
 fn set_hashes(res: &Resolved) -> Vec<[u8; 32]> {
     let mut b = Vec::new();
@@ -129,14 +111,14 @@ impl Inputs {
         let set_hash = set_hashes(res);
         let mut global = Vec::with_capacity(rules_enc.len() + 256);
         global.extend_from_slice(rules_enc);
-        put_str(&mut global, &format!("{:?}", res.default_action));
+        encode_str(&mut global, &format!("{:?}", res.default_action));
         global.extend((res.tiers.len() as u32).to_le_bytes());
-        res.tiers.iter().for_each(|t| put_str(&mut global, t));
+        res.tiers.iter().for_each(|t| encode_str(&mut global, t));
         global.extend((res.system.len() as u32).to_le_bytes());
         for s in &res.system {
-            put_str(&mut global, &s.name);
+            encode_str(&mut global, &s.name);
             global.extend(set_hash[s.set]);
-            put_svc(&mut global, &s.svc);
+            svc_key(&mut global, s.svc.iter());
         }
 
         // Host numbers in first-seen order, then renumbered in name order.
@@ -165,8 +147,8 @@ impl Inputs {
         let mut vms = Packed::with_capacity(res.vms.len(), 96 * res.vms.len());
         for (v, vm) in res.vms.iter().enumerate() {
             let b = &mut vms.bytes;
-            put_str(b, &vm.name);
-            put_str(b, &vm.host);
+            encode_str(b, &vm.name);
+            encode_str(b, &vm.host);
             b.push(u8::from(vm.infra_server));
             b.push(u8::from(res.monitor_vms.contains(&v)));
             b.extend((vm.interfaces.len() as u32).to_le_bytes());
@@ -207,7 +189,7 @@ impl Inputs {
             b.extend((r.applies.len() as u32).to_le_bytes());
             b.extend(set_hash[r.applies_set]);
             b.extend(set_hash[r.peers]);
-            put_svc(b, &r.svc);
+            svc_key(b, r.svc.iter());
             rules.end_item();
             rule_vms
                 .bytes
