@@ -189,10 +189,9 @@ fn packet_costs(dp: &Datapath, hook: Hook, flows: u16, repeat: u32) -> PacketCos
     }
 }
 
-fn bench_test_run() {
-    let pins = PinRoot::new("bench-testrun");
-    let mut dp = Datapath::load(&pins.0).expect("load");
-    let mut tables = dp.tables().expect("tables");
+/// The server endpoint bound to loopback (where `BPF_PROG_TEST_RUN` runs the skb) and a
+/// remote client, with the server's binding.
+fn loopback_endpoints() -> (Ep, Ep, HashMap<String, u32>) {
     let server = Ep {
         id: "server/lo".into(),
         mac: SERVER_MAC,
@@ -203,7 +202,15 @@ fn bench_test_run() {
         mac: CLIENT_MAC,
         addrs: vec![IpAddr::V4(CLIENT_IP.into())],
     };
-    let bindings: HashMap<String, u32> = [(server.id.clone(), LO)].into();
+    let bindings = [(server.id.clone(), LO)].into();
+    (server, client, bindings)
+}
+
+fn bench_test_run() {
+    let pins = PinRoot::new("bench-testrun");
+    let mut dp = Datapath::load(&pins.0).expect("load");
+    let mut tables = dp.tables().expect("tables");
+    let (server, client, bindings) = loopback_endpoints();
     let (flows, repeat) = if quick() {
         (500, 20_000)
     } else {
@@ -659,17 +666,7 @@ fn bench_events() {
     let pins = PinRoot::new("bench-events");
     let mut dp = Datapath::load(&pins.0).expect("load");
     let mut tables = dp.tables().expect("tables");
-    let server = Ep {
-        id: "server/lo".into(),
-        mac: SERVER_MAC,
-        addrs: vec![IpAddr::V4(SERVER_IP.into())],
-    };
-    let client = Ep {
-        id: "client/remote".into(),
-        mac: CLIENT_MAC,
-        addrs: vec![IpAddr::V4(CLIENT_IP.into())],
-    };
-    let bindings: HashMap<String, u32> = [(server.id.clone(), LO)].into();
+    let (server, client, bindings) = loopback_endpoints();
     tables
         .apply(&policy_tables(10, &server, &client), &bindings)
         .expect("apply");
