@@ -6,6 +6,7 @@
 //! property tests hold the compiled tables to the language's meaning through it.
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::*;
 
@@ -16,14 +17,76 @@ pub struct HostTables {
     /// each to its stable datapath slot when writing the maps.
     pub endpoints: Vec<EndpointTable>,
     /// Address prefix → identity. Should contain `0.0.0.0/0` and `::/0` (else unmatched
-    /// addresses resolve to `IDENTITY_ANY`).
-    pub ipcache: Vec<IpcacheEntry>,
+    /// addresses resolve to `IDENTITY_ANY`). Shared: the hosts of one compile whose peers
+    /// are the same hold one copy, and an unchanged ipcache compares by pointer.
+    pub ipcache: SharedVec<IpcacheEntry>,
     /// Port ranges → port class; ports not covered are class `PORT_CLASS_ANY`.
     pub port_classes: Vec<PortClassRange>,
     /// Policy entries, sorted by key.
     pub policy: Vec<(PolicyKey, Verdict)>,
     /// Rule index → stable rule id (what counters and events name). Index 0 is the default.
     pub rules: Vec<String>,
+}
+
+/// A vector shared by reference counting and copied on first write (`DerefMut`): large
+/// parts of many hosts' tables (the ipcache) are one allocation until one host changes its
+/// own, and two handles to one allocation compare equal without reading it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SharedVec<T>(Arc<Vec<T>>);
+
+impl<T> SharedVec<T> {
+    /// Do both handles hold the same allocation (so the same contents)?
+    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+impl<T> Default for SharedVec<T> {
+    fn default() -> Self {
+        Self(Arc::new(Vec::new()))
+    }
+}
+
+impl<T> std::ops::Deref for SharedVec<T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Vec<T> {
+        &self.0
+    }
+}
+
+impl<T: Clone> std::ops::DerefMut for SharedVec<T> {
+    /// Copies the contents first if another handle shares them.
+    fn deref_mut(&mut self) -> &mut Vec<T> {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+impl<T> From<Vec<T>> for SharedVec<T> {
+    fn from(v: Vec<T>) -> Self {
+        Self(Arc::new(v))
+    }
+}
+
+impl<T> FromIterator<T> for SharedVec<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        Self(Arc::new(iter.into_iter().collect()))
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SharedVec<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl<'a, T: Clone> IntoIterator for &'a mut SharedVec<T> {
+    type Item = &'a mut T;
+    type IntoIter = std::slice::IterMut<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        Arc::make_mut(&mut self.0).iter_mut()
+    }
 }
 
 /// `aa:bb:cc:dd:ee:ff`, lower case: how MACs are written in ids, inventories and commands.
@@ -209,7 +272,8 @@ mod tests {
                     prefix_len: 8,
                     identity: 2,
                 },
-            ],
+            ]
+            .into(),
             port_classes: vec![PortClassRange {
                 kind: PORT_KIND_L4,
                 first: 5432,

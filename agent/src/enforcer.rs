@@ -13,11 +13,12 @@ use prost::Message;
 
 use crate::inventory::{self, Vm};
 
-/// Tables as the controller sent them, with their revision and digest.
+/// Tables as the controller sent them, with their revision and digests (checked by the
+/// agent; the ipcache's is reused by deltas that leave it alone).
 #[derive(Clone, Debug)]
 pub struct Applied {
     pub revision: pb::Revision,
-    pub digest: String,
+    pub digests: bulkhead_wire::Digests,
     pub tables: HostTables,
 }
 
@@ -255,7 +256,7 @@ impl Enforcer {
         let report = self
             .tables
             .apply(&a.tables, &self.bindings)
-            .with_context(|| format!("applying tables {}", short(&a.digest)))?;
+            .with_context(|| format!("applying tables {}", short(&a.digests.tables)))?;
         let names = EpochNames {
             endpoints: report
                 .slots
@@ -263,7 +264,7 @@ impl Enforcer {
                 .map(|(id, slot)| (*slot, id.clone()))
                 .collect(),
             rules: a.tables.rules.clone(),
-            digest: a.digest.clone(),
+            digest: a.digests.tables.clone(),
         };
         if let Ok(mut n) = self.names.write() {
             n.by_epoch.insert(report.epoch, names);
@@ -288,19 +289,11 @@ fn read_state(path: &Path) -> Result<Option<Applied>> {
     };
     let snap = pb::Snapshot::decode(bytes.as_slice())
         .with_context(|| format!("decoding persisted state {}", path.display()))?;
-    let tables = bulkhead_wire::tables_from_pb(&snap.tables.unwrap_or_default())
-        .with_context(|| format!("persisted tables in {}", path.display()))?;
-    let digest = bulkhead_wire::digest(&tables);
-    anyhow::ensure!(
-        digest == snap.digest,
-        "persisted state {} is corrupt (digest {} ≠ {})",
-        path.display(),
-        short(&digest),
-        short(&snap.digest)
-    );
+    let (tables, digests) = bulkhead_wire::snapshot_tables(&snap)
+        .map_err(|e| anyhow::anyhow!("persisted state {} is corrupt: {e}", path.display()))?;
     Ok(Some(Applied {
         revision: snap.revision.unwrap_or_default(),
-        digest,
+        digests,
         tables,
     }))
 }
@@ -309,7 +302,7 @@ fn read_state(path: &Path) -> Result<Option<Applied>> {
 fn write_state(path: &Path, a: &Applied) -> Result<()> {
     let snap = pb::Snapshot {
         revision: Some(a.revision.clone()),
-        digest: a.digest.clone(),
+        digest: a.digests.tables.clone(),
         tables: Some(bulkhead_wire::tables_to_pb(&a.tables)),
     };
     let tmp = path.with_extension("tmp");

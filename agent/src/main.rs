@@ -131,7 +131,7 @@ async fn main() -> Result<()> {
     let mut enforcer = Enforcer::start(&args.pin_root, &args.state_dir, posture)?;
     let vms = source.scan().context("scanning the inventory")?;
     if let Some(a) = enforcer.current().cloned() {
-        tracing::info!(digest = bulkhead_agent::enforcer::short(&a.digest),
+        tracing::info!(digest = bulkhead_agent::enforcer::short(&a.digests.tables),
             commit = %a.revision.commit, "re-applying the persisted policy");
         enforcer
             .apply(a)

@@ -105,7 +105,7 @@ async fn session(cfg: &SessionConfig, shared: &Shared) -> Result<()> {
         .enforcer
         .lock()
         .ok()
-        .and_then(|e| e.current().map(|a| a.digest.clone()))
+        .and_then(|e| e.current().map(|a| a.digests.tables.clone()))
         .unwrap_or_default();
     tx.send(pb::AgentMessage {
         kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
@@ -201,25 +201,32 @@ async fn handle(shared: &Shared, msg: pb::ControllerMessage) -> pb::Ack {
                 .map_err(|_| (String::new(), "enforcer lock poisoned".to_string(), false))?;
             let applied = match msg.kind {
                 Some(pb::controller_message::Kind::Snapshot(s)) => {
-                    let tables = bulkhead_wire::tables_from_pb(&s.tables.unwrap_or_default())
+                    let (tables, digests) = bulkhead_wire::snapshot_tables(&s)
                         .map_err(|err| (s.digest.clone(), err.to_string(), false))?;
                     Applied {
                         revision: s.revision.unwrap_or_default(),
-                        digest: s.digest,
+                        digests,
                         tables,
                     }
                 }
                 Some(pb::controller_message::Kind::Delta(d)) => {
-                    // The digest of what we hold is the one we acknowledged: no need to
-                    // hash the tables again (the result's digest is still checked).
+                    // The digests of what we hold are the ones we checked and acknowledged:
+                    // no need to hash them again (the result's digest is still checked).
                     let applied = match e.current() {
-                        Some(a) => bulkhead_wire::apply_delta_to(&a.tables, &a.digest, &d),
-                        None => bulkhead_wire::apply_delta(&Default::default(), &d),
+                        Some(a) => bulkhead_wire::apply_delta_to(&a.tables, &a.digests, &d),
+                        None => {
+                            let empty = bulkhead_abi::model::HostTables::default();
+                            bulkhead_wire::apply_delta_to(
+                                &empty,
+                                &bulkhead_wire::digests(&empty),
+                                &d,
+                            )
+                        }
                     };
                     match applied {
-                        Ok(tables) => Applied {
+                        Ok((tables, digests)) => Applied {
                             revision: d.revision.unwrap_or_default(),
-                            digest: d.digest,
+                            digests,
                             tables,
                         },
                         // Ask for a snapshot; keep enforcing what we have.
@@ -228,7 +235,7 @@ async fn handle(shared: &Shared, msg: pb::ControllerMessage) -> pb::Ack {
                 }
                 None => return Err((String::new(), "empty controller message".into(), false)),
             };
-            let digest = applied.digest.clone();
+            let digest = applied.digests.tables.clone();
             let commit = applied.revision.commit.clone();
             let report = e
                 .apply(applied)

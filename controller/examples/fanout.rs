@@ -124,39 +124,40 @@ async fn agent(
     };
     let mut inbound = resp.into_inner();
     let mut held = bulkhead_abi::model::HostTables::default();
-    let mut held_digest = bulkhead_wire::digest(&held);
+    let mut held_digests = bulkhead_wire::digests(&held);
     while let Ok(Some(msg)) = inbound.message().await {
         let started = thread_cpu_nanos();
-        let (digest, tables) = match msg.kind {
+        let applied = match msg.kind {
+            // As the real agent does: a snapshot's tables are checked against its digest; a
+            // delta's base is named by the digests it acknowledged, and the result is checked
+            // against the delta's digest (an untouched ipcache is not hashed again).
             Some(pb::controller_message::Kind::Snapshot(s)) => {
-                let t = bulkhead_wire::tables_from_pb(&s.tables.unwrap_or_default())
-                    .expect("snapshot decodes");
-                (s.digest, t)
+                bulkhead_wire::snapshot_tables(&s).map_err(|_| s.digest)
             }
             Some(pb::controller_message::Kind::Delta(d)) => {
-                // As the real agent does: the base is named by the digest it acknowledged;
-                // the result is hashed and checked against the delta's digest.
-                match bulkhead_wire::apply_delta_to(&held, &held_digest, &d) {
-                    Ok(t) => (d.digest, t),
-                    // As the real agent does: keep what it has, ask for a snapshot.
-                    Err(_) => {
-                        let _ = tx
-                            .send(pb::AgentMessage {
-                                kind: Some(pb::agent_message::Kind::Ack(pb::Ack {
-                                    digest: d.digest,
-                                    resync: true,
-                                    ..Default::default()
-                                })),
-                            })
-                            .await;
-                        continue;
-                    }
-                }
+                bulkhead_wire::apply_delta_to(&held, &held_digests, &d).map_err(|_| d.digest)
             }
             None => continue,
         };
+        let (tables, digests) = match applied {
+            Ok(a) => a,
+            // As the real agent does: keep what it has, ask for a snapshot.
+            Err(digest) => {
+                let _ = tx
+                    .send(pb::AgentMessage {
+                        kind: Some(pb::agent_message::Kind::Ack(pb::Ack {
+                            digest,
+                            resync: true,
+                            ..Default::default()
+                        })),
+                    })
+                    .await;
+                continue;
+            }
+        };
+        let digest = digests.tables.clone();
         held = tables;
-        held_digest = digest.clone();
+        held_digests = digests;
         AGENT_APPLY_NANOS.fetch_add(
             thread_cpu_nanos().saturating_sub(started),
             std::sync::atomic::Ordering::Relaxed,

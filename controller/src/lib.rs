@@ -95,43 +95,18 @@ const KNOWN_PER_HOST: usize = 4;
 
 const REJECTED_KEPT: usize = 50;
 
-/// Name each host's tables by their digest (work over every table of every host: done before
-/// the state lock is taken, on all cores).
+/// Name each host's tables by their digest, before the state lock is taken. Hosts sharing
+/// an ipcache (the compiler gives hosts with the same peers one copy) have it hashed once.
 fn with_digests(hosts: BTreeMap<String, HostTables>) -> BTreeMap<String, HostTablesRev> {
-    let hosts: Vec<(String, HostTables)> = hosts.into_iter().collect();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(hosts.len() / 64 + 1);
-    let chunk = hosts.len().div_ceil(threads).max(1);
-    let digests: Vec<String> = std::thread::scope(|s| {
-        let workers: Vec<_> = hosts
-            .chunks(chunk)
-            .map(|c| {
-                s.spawn(move || {
-                    c.iter()
-                        .map(|(_, t)| bulkhead_wire::digest(t))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .zip(hosts.chunks(chunk))
-            .flat_map(|(w, c)| {
-                // A digest cannot panic; should a worker die anyway, redo its share here.
-                w.join()
-                    .unwrap_or_else(|_| c.iter().map(|(_, t)| bulkhead_wire::digest(t)).collect())
-            })
-            .collect()
-    });
+    let digests = bulkhead_wire::digests_of_many(&hosts.values().collect::<Vec<_>>());
     hosts
         .into_iter()
         .zip(digests)
-        .map(|((h, t), digest)| {
+        .map(|((h, t), d)| {
             (
                 h,
                 HostTablesRev {
-                    digest,
+                    digest: d.tables,
                     tables: Arc::new(t),
                 },
             )

@@ -364,7 +364,8 @@ fn base_tables(flags: u32) -> HostTables {
             ipc("2001:db8:6::", 48, ID_MONITORED),
             ipc("198.51.102.0", 24, ID_REJECTED),
             ipc("2001:db8:7::", 48, ID_REJECTED),
-        ],
+        ]
+        .into(),
         port_classes: vec![
             l4(53, 53, C_DNS),
             l4(443, 443, C_HTTPS),

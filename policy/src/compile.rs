@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use bulkhead_abi::model::{EndpointTable, HostTables, IpcacheEntry, PortClassRange};
+use bulkhead_abi::model::{EndpointTable, HostTables, IpcacheEntry, PortClassRange, SharedVec};
 use bulkhead_abi::*;
 use sha2::{Digest, Sha256};
 
@@ -210,7 +210,7 @@ pub fn compile_hosts(res: &Resolved, hosts: &[String]) -> Vec<HostOutput> {
 /// compiler: a recompiled host whose sets are unchanged reuses them.
 pub(crate) struct IdentEnv {
     key: Vec<u8>,
-    ipcache: Vec<IpcacheEntry>,
+    ipcache: SharedVec<IpcacheEntry>,
     /// sha256 of the ipcache section of the canonical encoding: hashed once for every host
     /// that shares these identities.
     ipcache_digest: [u8; 32],
@@ -1018,7 +1018,7 @@ fn identities(res: &Resolved, used: &[usize], key: Vec<u8>) -> IdentEnv {
     IdentEnv {
         key,
         ipcache_digest: ipcache_digest(&ipcache),
-        ipcache,
+        ipcache: ipcache.into(),
         inv,
         nids,
     }

@@ -4,10 +4,10 @@
 pub mod pki;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use bulkhead_abi::model::{EndpointTable, HostTables, IpcacheEntry, PortClassRange};
+use bulkhead_abi::model::{EndpointTable, HostTables, IpcacheEntry, PortClassRange, SharedVec};
 use bulkhead_abi::{PolicyKey, Verdict};
 use sha2::{Digest, Sha256};
 
@@ -161,8 +161,12 @@ pub fn canonicalize(t: &HostTables) -> HostTables {
         e.addrs.sort();
         e.addrs.dedup();
     }
-    out.ipcache.sort();
-    out.ipcache.dedup();
+    if !ipcache_is_canonical(&out.ipcache) {
+        let mut ipcache = out.ipcache.to_vec();
+        ipcache.sort();
+        ipcache.dedup();
+        out.ipcache = ipcache.into();
+    }
     out.port_classes.sort();
     out.policy.sort_by_key(|(k, _)| *k);
     out
@@ -175,14 +179,18 @@ pub fn is_canonical(t: &HostTables) -> bool {
         && t.endpoints
             .iter()
             .all(|e| e.addrs.windows(2).all(|w| w[0] < w[1]))
-        && t.ipcache
-            .windows(2)
-            .all(|w| ipcache_order(&w[0]) < ipcache_order(&w[1]))
+        && ipcache_is_canonical(&t.ipcache)
         && t.port_classes.windows(2).all(|w| w[0] <= w[1])
         && t.policy.windows(2).all(|w| w[0].0 <= w[1].0)
         && t.policy
             .iter()
             .all(|(k, _)| (k.slot as usize) < t.endpoints.len())
+}
+
+fn ipcache_is_canonical(ipcache: &[IpcacheEntry]) -> bool {
+    ipcache
+        .windows(2)
+        .all(|w| ipcache_order(&w[0]) < ipcache_order(&w[1]))
 }
 
 /// The order of [`IpcacheEntry`] (address family, address, prefix length, identity) as
@@ -274,7 +282,8 @@ pub fn tables_from_pb(p: &pb::Tables) -> Result<HostTables, WireError> {
             .ipcache
             .iter()
             .map(ipcache_from_pb)
-            .collect::<Result<_, _>>()?,
+            .collect::<Result<Vec<_>, _>>()?
+            .into(),
         port_classes: p
             .port_classes
             .iter()
@@ -284,6 +293,23 @@ pub fn tables_from_pb(p: &pb::Tables) -> Result<HostTables, WireError> {
         policy,
         rules: p.rules.clone(),
     }))
+}
+
+/// The tables a snapshot carries, checked against the digest it names (a snapshot is what
+/// an agent will enforce and later apply deltas to: its digest must be the tables').
+pub fn snapshot_tables(s: &pb::Snapshot) -> Result<(HostTables, Digests), WireError> {
+    let tables = match &s.tables {
+        Some(t) => tables_from_pb(t)?,
+        None => HostTables::default(),
+    };
+    let got = digests_canonical(&tables);
+    if got.tables != s.digest {
+        return Err(WireError::DigestMismatch {
+            got: got.tables,
+            want: s.digest.clone(),
+        });
+    }
+    Ok((tables, got))
 }
 
 /// Protobuf encoding written straight from [`HostTables`], byte for byte what prost makes of
@@ -456,20 +482,44 @@ mod encode {
         uint(b, 8, v.rule);
     }
 
-    /// `pb::Tables` encoding of canonical tables into `b`; `flush` is offered the buffer
-    /// after every element (to hash it in pieces instead of holding it whole).
-    pub(super) fn tables(t: &HostTables, b: &mut Vec<u8>, flush: &mut dyn FnMut(&mut Vec<u8>)) {
-        for e in &t.endpoints {
-            endpoint(b, e);
-            flush(b);
-        }
+    /// Which sections of the `pb::Tables` encoding [`tables`] writes.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Sections {
+        All,
+        /// Everything but the ipcache (its digest stands in for it).
+        WithoutIpcache,
+    }
+
+    /// The ipcache elements of the `pb::Tables` encoding; `flush` as in [`tables`].
+    pub(super) fn ipcache_section(
+        ipc: &[IpcacheEntry],
+        b: &mut Vec<u8>,
+        flush: &mut dyn FnMut(&mut Vec<u8>),
+    ) {
         // The bulk of large tables: flushed in runs.
-        for run in t.ipcache.chunks(256) {
+        for run in ipc.chunks(256) {
             b.reserve(run.len() * 29);
             for e in run {
                 ipcache(b, e);
             }
             flush(b);
+        }
+    }
+
+    /// `pb::Tables` encoding of canonical tables into `b`; `flush` is offered the buffer
+    /// after every element (to hash it in pieces instead of holding it whole).
+    pub(super) fn tables(
+        t: &HostTables,
+        sections: Sections,
+        b: &mut Vec<u8>,
+        flush: &mut dyn FnMut(&mut Vec<u8>),
+    ) {
+        for e in &t.endpoints {
+            endpoint(b, e);
+            flush(b);
+        }
+        if sections == Sections::All {
+            ipcache_section(&t.ipcache, b, flush);
         }
         for r in &t.port_classes {
             port_class(b, r);
@@ -499,33 +549,97 @@ mod encode {
     }
 }
 
-/// The canonical wire encoding of the tables (what [`digest`] hashes): the protobuf encoding
-/// of [`tables_to_pb`], written directly.
+/// The canonical wire encoding of the tables: the protobuf encoding of [`tables_to_pb`],
+/// written directly.
 pub fn encode_tables(t: &HostTables) -> Vec<u8> {
     let t = canonical(t);
     let mut b = Vec::with_capacity(encode::size_hint(&t));
-    encode::tables(&t, &mut b, &mut |_| {});
+    encode::tables(&t, encode::Sections::All, &mut b, &mut |_| {});
     b
 }
 
-/// The digest both ends name tables by: SHA-256 of the canonical wire encoding, hex. The
-/// encoding is hashed in pieces as it is written, never held whole.
-pub fn digest(t: &HostTables) -> String {
-    digest_canonical(&canonical(t))
+/// What both ends name tables by, and the part of it that many hosts and revisions share.
+///
+/// `tables` = hex SHA-256 of (`ipcache` ‖ the canonical wire encoding without the ipcache
+/// elements); `ipcache` = SHA-256 of the ipcache elements' canonical wire encoding. The
+/// ipcache is the bulk of large tables and is the same on every host whose rules name the
+/// same peers and in every revision that moved no address: hashed once per content (the
+/// controller, once per compile for all hosts sharing it; the agent, only when a delta
+/// changes it), while the digest still covers every byte of the tables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Digests {
+    pub tables: String,
+    pub ipcache: [u8; 32],
 }
 
-fn digest_canonical(t: &HostTables) -> String {
+/// Feed an encoder's output to a hash in pieces, never holding the encoding whole.
+fn hash_encoded(write: impl FnOnce(&mut Vec<u8>, &mut dyn FnMut(&mut Vec<u8>))) -> [u8; 32] {
     const PIECE: usize = 16 << 10;
     let mut h = Sha256::new();
     let mut b = Vec::with_capacity(PIECE + 4096);
-    encode::tables(t, &mut b, &mut |b| {
+    write(&mut b, &mut |b: &mut Vec<u8>| {
         if b.len() >= PIECE {
             h.update(&b[..]);
             b.clear();
         }
     });
     h.update(&b);
-    hex(&h.finalize())
+    h.finalize().into()
+}
+
+/// The digest of a (canonical) ipcache: see [`Digests`].
+pub fn ipcache_digest(ipcache: &[IpcacheEntry]) -> [u8; 32] {
+    hash_encoded(|b, flush| encode::ipcache_section(ipcache, b, flush))
+}
+
+/// The tables digest of canonical tables whose ipcache digest is known.
+fn digest_canonical_with(t: &HostTables, ipcache: &[u8; 32]) -> String {
+    hex(&hash_encoded(|b, flush| {
+        b.extend_from_slice(ipcache);
+        encode::tables(t, encode::Sections::WithoutIpcache, b, flush)
+    }))
+}
+
+fn digests_canonical(t: &HostTables) -> Digests {
+    let ipcache = ipcache_digest(&t.ipcache);
+    Digests {
+        tables: digest_canonical_with(t, &ipcache),
+        ipcache,
+    }
+}
+
+/// The digests of `t` (see [`Digests`]).
+pub fn digests(t: &HostTables) -> Digests {
+    digests_canonical(&canonical(t))
+}
+
+/// The tables digest of `t` (see [`Digests`]).
+pub fn digest(t: &HostTables) -> String {
+    digests(t).tables
+}
+
+/// The digests of many hosts' tables, each shared ipcache hashed once: the compiler's hosts
+/// with the same peers hold one ipcache (`Arc`), recognised here by address.
+pub fn digests_of_many(tables: &[&HostTables]) -> Vec<Digests> {
+    let mut known: HashMap<*const IpcacheEntry, [u8; 32]> = HashMap::new();
+    tables
+        .iter()
+        .map(|t| {
+            let t = canonical(t);
+            let ipcache = match &t {
+                // `tables` borrows these for the whole call: no address is reused.
+                Cow::Borrowed(b) => *known
+                    .entry(b.ipcache.as_ptr())
+                    .or_insert_with(|| ipcache_digest(&b.ipcache)),
+                // A temporary copy: its address means nothing.
+                Cow::Owned(o) => ipcache_digest(&o.ipcache),
+            };
+            Digests {
+                tables: digest_canonical_with(&t, &ipcache),
+                ipcache,
+            }
+        })
+        .collect()
 }
 
 pub fn hex(b: &[u8]) -> String {
@@ -640,7 +754,11 @@ pub fn delta_with_digests(
         b.endpoints.iter().map(|e| (e.id.as_str(), e)).collect();
     let n_eps: BTreeMap<&str, &EndpointTable> =
         n.endpoints.iter().map(|e| (e.id.as_str(), e)).collect();
-    let (ipc_add, ipc_remove) = ipcache_changes(&b.ipcache, &n.ipcache);
+    let (ipc_add, ipc_remove) = if SharedVec::ptr_eq(&b.ipcache, &n.ipcache) {
+        (Vec::new(), Vec::new())
+    } else {
+        ipcache_changes(&b.ipcache, &n.ipcache)
+    };
     let (b_pol, n_pol) = (policy_ids(&b), policy_ids(&n));
     let port_classes_changed = b.port_classes != n.port_classes;
     let rules_changed = b.rules != n.rules;
@@ -688,20 +806,21 @@ pub fn delta_with_digests(
 
 /// Apply a delta to the tables it was computed against; the result's digest is checked.
 pub fn apply_delta(base: &HostTables, d: &pb::Delta) -> Result<HostTables, WireError> {
-    apply_delta_to(base, &digest(base), d)
+    apply_delta_to(base, &digests(base), d).map(|(t, _)| t)
 }
 
-/// [`apply_delta`] when the caller knows the digest of `base` (it acknowledged it): the
+/// [`apply_delta`] when the caller knows the digests of `base` (it acknowledged them): the
 /// delta must be against that digest, and the result must have the digest the delta names.
+/// Returns the result's digests; an ipcache the delta leaves alone is not hashed again.
 pub fn apply_delta_to(
     base: &HostTables,
-    base_digest: &str,
+    base_digests: &Digests,
     d: &pb::Delta,
-) -> Result<HostTables, WireError> {
-    if base_digest != d.base_digest {
+) -> Result<(HostTables, Digests), WireError> {
+    if base_digests.tables != d.base_digest {
         return Err(WireError::BaseMismatch {
             base: d.base_digest.clone(),
-            held: base_digest.to_string(),
+            held: base_digests.tables.clone(),
         });
     }
     let b = canonical(base);
@@ -717,7 +836,8 @@ pub fn apply_delta_to(
         endpoints.push(endpoint_from_pb(e)?);
     }
 
-    let ipcache = if d.ipcache_add.is_empty() && d.ipcache_remove.is_empty() {
+    let ipcache_unchanged = d.ipcache_add.is_empty() && d.ipcache_remove.is_empty();
+    let ipcache: SharedVec<IpcacheEntry> = if ipcache_unchanged {
         b.ipcache.clone()
     } else {
         let add: Vec<IpcacheEntry> = d
@@ -736,7 +856,7 @@ pub fn apply_delta_to(
             .copied()
             .collect();
         v.extend(add);
-        v
+        v.into()
     };
 
     let port_classes = if d.port_classes_changed {
@@ -786,14 +906,22 @@ pub fn apply_delta_to(
         policy,
         rules,
     });
-    let got = digest_canonical(&out);
-    if got != d.digest {
+    // The base was canonical, so its ipcache still is when the delta leaves it alone.
+    let got = if ipcache_unchanged && SharedVec::ptr_eq(&out.ipcache, &b.ipcache) {
+        Digests {
+            tables: digest_canonical_with(&out, &base_digests.ipcache),
+            ipcache: base_digests.ipcache,
+        }
+    } else {
+        digests_canonical(&out)
+    };
+    if got.tables != d.digest {
         return Err(WireError::DigestMismatch {
-            got,
+            got: got.tables,
             want: d.digest.clone(),
         });
     }
-    Ok(out)
+    Ok((out, got))
 }
 
 /// A TLS channel to the controller with a client certificate (agent or administrator).
@@ -910,7 +1038,25 @@ mod tests {
             let t = random_tables(&mut r);
             let want = tables_to_pb(&t).encode_to_vec();
             assert_eq!(encode_tables(&t), want, "{t:?}");
-            assert_eq!(digest(&t), hex(&Sha256::digest(&want)));
+            // The digest, from prost's encodings of the parts (see `Digests`).
+            let mut wire = tables_to_pb(&t);
+            let only_ipcache = pb::Tables {
+                ipcache: std::mem::take(&mut wire.ipcache),
+                ..Default::default()
+            };
+            let ipc: [u8; 32] = Sha256::digest(only_ipcache.encode_to_vec()).into();
+            let mut h = Sha256::new();
+            h.update(ipc);
+            h.update(wire.encode_to_vec());
+            let want_digests = Digests {
+                tables: hex(&h.finalize()),
+                ipcache: ipc,
+            };
+            assert_eq!(digests(&t), want_digests);
+            assert_eq!(
+                digests_of_many(&[&t, &t]),
+                [want_digests.clone(), want_digests]
+            );
             assert!(is_canonical(&canonicalize(&t)));
             assert_eq!(is_canonical(&t), canonicalize(&t) == t);
             for w in t.ipcache.windows(2) {
@@ -933,10 +1079,13 @@ mod tests {
                 random_tables(&mut r)
             } else {
                 let mut b = canonicalize(&a);
-                b.ipcache
-                    .truncate(r.below(b.ipcache.len() as u64 + 1) as usize);
-                let extra = random_tables(&mut r);
-                b.ipcache.extend(extra.ipcache.iter().take(3));
+                if r.below(2) == 0 {
+                    let mut ipcache = b.ipcache.to_vec();
+                    ipcache.truncate(r.below(ipcache.len() as u64 + 1) as usize);
+                    let extra = random_tables(&mut r);
+                    ipcache.extend(extra.ipcache.iter().take(3));
+                    b.ipcache = ipcache.into();
+                }
                 if let Some(e) = b.endpoints.first_mut() {
                     e.flags ^= 1;
                 }
@@ -956,10 +1105,15 @@ mod tests {
                 Err(WireError::DigestMismatch { .. }) => {}
                 Err(e) => panic!("{e}"),
             }
-            assert_eq!(
-                apply_delta_to(&a, &digest(&a), &d).is_ok(),
-                apply_delta(&a, &d).is_ok()
-            );
+            // With the base's digests known, the result and its digests are the same as
+            // computed from scratch (an untouched ipcache's digest carried over).
+            match apply_delta_to(&a, &digests(&a), &d) {
+                Ok((got, got_digests)) => {
+                    assert_eq!(got_digests, digests(&got));
+                    assert_eq!(got_digests.tables, d.digest);
+                }
+                Err(e) => assert!(apply_delta(&a, &d).is_err(), "{e}"),
+            }
         }
         assert!(applied > 1800, "{applied} of 2000 deltas applied");
     }
@@ -977,7 +1131,8 @@ mod tests {
                 addr: "10.0.0.0".parse().unwrap(),
                 prefix_len: 8,
                 identity: 5,
-            }],
+            }]
+            .into(),
             port_classes: vec![PortClassRange {
                 kind: PORT_KIND_L4,
                 first: 80,
