@@ -184,15 +184,22 @@ fn cpu_seconds() -> f64 {
     t(ru.ru_utime) + t(ru.ru_stime)
 }
 
-fn peak_rss_mib() -> f64 {
+/// A memory figure of this process from /proc/self/status (`VmRSS`, `VmHWM`), MiB.
+fn status_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Reset the peak resident set size to the current one (clear_refs "5"), so the next peak
+/// read is that of what follows.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -267,6 +274,9 @@ async fn run(n: usize) -> Run {
     // The measured change: a commit that changes every host's tables.
     let mut serving = ctl.serving_tx.subscribe();
     serving.borrow_and_update();
+    let connect_peak = status_mib("VmHWM:");
+    let settled_rss = status_mib("VmRSS:");
+    let peak_reset = reset_peak_rss();
     let cpu0 = cpu_seconds();
     let agents0 = AGENT_APPLY_NANOS.load(std::sync::atomic::Ordering::Relaxed);
     std::fs::write(repo.join("policies/policy.yaml"), policy(6432)).expect("write");
@@ -315,8 +325,12 @@ async fn run(n: usize) -> Run {
     let cpu = cpu_seconds() - cpu0;
     let agents_cpu =
         (AGENT_APPLY_NANOS.load(std::sync::atomic::Ordering::Relaxed) - agents0) as f64 / 1e9;
+    let commit_peak = status_mib("VmHWM:");
     let mut v: Vec<f64> = latency.into_values().collect();
     Run {
+        settled_rss,
+        commit_peak: peak_reset.then_some(commit_peak),
+        peak: connect_peak.max(commit_peak),
         served,
         p50: pct(&mut v, 0.5),
         p99: pct(&mut v, 0.99),
@@ -335,6 +349,13 @@ struct Run {
     cpu: f64,
     /// Of `cpu`: the simulated agents applying and verifying.
     agents_cpu: f64,
+    /// MiB resident once every host holds its snapshot (controller and simulated agents).
+    settled_rss: f64,
+    /// Peak MiB resident from the commit to the last acknowledgement (None where the peak
+    /// cannot be reset).
+    commit_peak: Option<f64>,
+    /// Peak MiB resident over the whole run (connects and snapshots included).
+    peak: f64,
 }
 
 fn main() {
@@ -343,13 +364,13 @@ fn main() {
         .filter_map(|a| a.parse().ok())
         .collect();
     let ns = if ns.is_empty() { vec![100, 1000] } else { ns };
-    println!("| simulated hosts | VMs | commit→served | p50 commit→enforced | p99 | slowest | CPU s (all threads) | of which agents apply+verify | peak RSS |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| simulated hosts | VMs | commit→served | p50 commit→enforced | p99 | slowest | CPU s (all threads) | of which agents apply+verify | RSS settled | peak RSS during the commit | peak RSS of the run |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for n in ns {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let r = rt.block_on(run(n));
         println!(
-            "| {n} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.2} | {:.2} | {:.0} MiB |",
+            "| {n} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.2} | {:.2} | {:.0} MiB | {} | {:.0} MiB |",
             n * VMS_PER_HOST,
             r.served * 1e3,
             r.p50 * 1e3,
@@ -357,7 +378,10 @@ fn main() {
             r.max * 1e3,
             r.cpu,
             r.agents_cpu,
-            peak_rss_mib()
+            r.settled_rss,
+            r.commit_peak
+                .map_or("–".to_string(), |m| format!("{m:.0} MiB")),
+            r.peak,
         );
     }
 }
