@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, Result};
-use bulkhead_abi::model::HostTables;
 use bulkhead_datapath::{ApplyReport, Datapath, Tables};
 use bulkhead_wire::pb;
 use prost::Message;
@@ -19,7 +18,7 @@ use crate::inventory::{self, Vm};
 pub struct Applied {
     pub revision: pb::Revision,
     pub digests: bulkhead_wire::Digests,
-    pub tables: HostTables,
+    pub tables: bulkhead_wire::Canonical,
 }
 
 /// What events need to name things: per epoch, slot → endpoint id and rule index → rule id;

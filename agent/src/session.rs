@@ -215,12 +215,8 @@ async fn handle(shared: &Shared, msg: pb::ControllerMessage) -> pb::Ack {
                     let applied = match e.current() {
                         Some(a) => bulkhead_wire::apply_delta_to(&a.tables, &a.digests, &d),
                         None => {
-                            let empty = bulkhead_abi::model::HostTables::default();
-                            bulkhead_wire::apply_delta_to(
-                                &empty,
-                                &bulkhead_wire::digests(&empty),
-                                &d,
-                            )
+                            let empty = bulkhead_wire::Canonical::default();
+                            bulkhead_wire::apply_delta_to(&empty, &empty.digests(), &d)
                         }
                     };
                     match applied {

@@ -123,7 +123,7 @@ async fn agent(
         return;
     };
     let mut inbound = resp.into_inner();
-    let mut held = bulkhead_abi::model::HostTables::default();
+    let mut held = bulkhead_wire::Canonical::default();
     let mut held_digests = bulkhead_wire::digests(&held);
     while let Ok(Some(msg)) = inbound.message().await {
         let started = thread_cpu_nanos();
@@ -182,6 +182,13 @@ fn cpu_seconds() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
     t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+fn monotonic_seconds() -> f64 {
+    // SAFETY: clock_gettime fills a zeroed timespec.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 /// A memory figure of this process from /proc/self/status (`VmRSS`, `VmHWM`), MiB.
@@ -274,6 +281,9 @@ async fn run(n: usize) -> Run {
     // The measured change: a commit that changes every host's tables.
     let mut serving = ctl.serving_tx.subscribe();
     serving.borrow_and_update();
+    // The measured window in CLOCK_MONOTONIC seconds, for profiles of just the commit
+    // (`perf record -k CLOCK_MONOTONIC`, then `perf report --time start,end`).
+    let window_start = monotonic_seconds();
     let connect_peak = status_mib("VmHWM:");
     let settled_rss = status_mib("VmRSS:");
     let peak_reset = reset_peak_rss();
@@ -326,6 +336,10 @@ async fn run(n: usize) -> Run {
     let agents_cpu =
         (AGENT_APPLY_NANOS.load(std::sync::atomic::Ordering::Relaxed) - agents0) as f64 / 1e9;
     let commit_peak = status_mib("VmHWM:");
+    eprintln!(
+        "{n} hosts: commit window {window_start:.6},{:.6} (CLOCK_MONOTONIC s)",
+        monotonic_seconds()
+    );
     let mut v: Vec<f64> = latency.into_values().collect();
     Run {
         settled_rss,

@@ -42,7 +42,9 @@ pub type CompileFn = Arc<
 #[derive(Clone, Debug)]
 pub struct HostTablesRev {
     pub digest: String,
-    pub tables: Arc<HostTables>,
+    /// The ipcache part of the digest (see `bulkhead_wire::Digests`).
+    pub ipcache_digest: [u8; 32],
+    pub tables: Arc<bulkhead_wire::Canonical>,
 }
 
 /// The output being served.
@@ -97,16 +99,20 @@ const REJECTED_KEPT: usize = 50;
 
 /// Name each host's tables by their digest, before the state lock is taken. Hosts sharing
 /// an ipcache (the compiler gives hosts with the same peers one copy) have it hashed once.
-fn with_digests(hosts: BTreeMap<String, HostTables>) -> BTreeMap<String, HostTablesRev> {
-    let digests = bulkhead_wire::digests_of_many(&hosts.values().collect::<Vec<_>>());
-    hosts
+fn with_digests(
+    hosts: BTreeMap<String, HostTables>,
+    held: &bulkhead_wire::HeldIpcaches,
+) -> BTreeMap<String, HostTablesRev> {
+    let (names, tables): (Vec<String>, Vec<HostTables>) = hosts.into_iter().unzip();
+    names
         .into_iter()
-        .zip(digests)
-        .map(|((h, t), d)| {
+        .zip(bulkhead_wire::digests_of_many(tables, held))
+        .map(|(h, (t, d))| {
             (
                 h,
                 HostTablesRev {
                     digest: d.tables,
+                    ipcache_digest: d.ipcache,
                     tables: Arc::new(t),
                 },
             )
@@ -198,7 +204,8 @@ impl Controller {
         self.metrics
             .compile_seconds
             .observe(started.elapsed().as_secs_f64());
-        let result = result.map(with_digests);
+        let held = self.held_ipcaches();
+        let result = result.map(|hosts| with_digests(hosts, &held));
         let mut st = self.state();
         st.seen_commit = head.clone();
         match result {
@@ -284,7 +291,8 @@ impl Controller {
         self.metrics
             .compile_seconds
             .observe(started.elapsed().as_secs_f64());
-        let result = result.map(with_digests);
+        let held = self.held_ipcaches();
+        let result = result.map(|hosts| with_digests(hosts, &held));
         let mut st = self.state();
         match result {
             Ok(hosts) => {
@@ -299,6 +307,18 @@ impl Controller {
                 st.last_compile_error = errors;
             }
         }
+    }
+
+    /// The distinct ipcaches being served: a new compile's equal ones take these (one copy
+    /// across revisions; deltas between them see an unchanged ipcache by pointer).
+    fn held_ipcaches(&self) -> bulkhead_wire::HeldIpcaches {
+        let st = self.state();
+        let mut held = bulkhead_wire::HeldIpcaches::new();
+        for t in st.serving.iter().flat_map(|s| s.hosts.values()) {
+            held.entry(t.ipcache_digest)
+                .or_insert_with(|| t.tables.ipcache.clone());
+        }
+        held
     }
 
     /// All VMs reported by all hosts; a VM reported by two hosts (live migration in
@@ -376,19 +396,20 @@ impl Controller {
         if serving.inventory_versions.get(host).copied().unwrap_or(0) < version {
             return None;
         }
-        let t = serving
-            .hosts
-            .get(host)
-            .cloned()
-            .unwrap_or_else(|| HostTablesRev {
-                digest: bulkhead_wire::digest(&HostTables::default()),
-                tables: Arc::new(HostTables::default()),
-            });
+        let t = serving.hosts.get(host).cloned().unwrap_or_else(|| {
+            let tables = Arc::<bulkhead_wire::Canonical>::default();
+            let d = tables.digests();
+            HostTablesRev {
+                digest: d.tables,
+                ipcache_digest: d.ipcache,
+                tables,
+            }
+        });
         Some((serving.revision.clone(), t, serving.detected_at))
     }
 
     /// Tables of `host` with this digest, if the controller still has them.
-    pub fn known(&self, host: &str, digest: &str) -> Option<Arc<HostTables>> {
+    pub fn known(&self, host: &str, digest: &str) -> Option<Arc<bulkhead_wire::Canonical>> {
         let st = self.state();
         st.hosts
             .get(host)?

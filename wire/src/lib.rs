@@ -135,6 +135,12 @@ fn port_class_from_pb(r: &pb::PortClass) -> Result<PortClassRange, WireError> {
 /// Put tables in canonical order (endpoints by id, everything else sorted), so that equal
 /// content has one encoding and one digest.
 pub fn canonicalize(t: &HostTables) -> HostTables {
+    canonicalize_with(t, false)
+}
+
+/// [`canonicalize`], told whether the ipcache is known to be canonical already (the bulk of
+/// large tables: not scanned again).
+fn canonicalize_with(t: &HostTables, ipcache_canonical: bool) -> HostTables {
     let mut order: Vec<usize> = (0..t.endpoints.len()).collect();
     order.sort_by(|a, b| t.endpoints[*a].id.cmp(&t.endpoints[*b].id));
     let mut new_slot = vec![0u32; t.endpoints.len()];
@@ -161,7 +167,7 @@ pub fn canonicalize(t: &HostTables) -> HostTables {
         e.addrs.sort();
         e.addrs.dedup();
     }
-    if !ipcache_is_canonical(&out.ipcache) {
+    if !ipcache_canonical && !ipcache_is_canonical(&out.ipcache) {
         let mut ipcache = out.ipcache.to_vec();
         ipcache.sort();
         ipcache.dedup();
@@ -175,11 +181,14 @@ pub fn canonicalize(t: &HostTables) -> HostTables {
 /// Are the tables already what [`canonicalize`] makes of them? (The compiler's output is,
 /// as a rule: then nothing needs copying.)
 pub fn is_canonical(t: &HostTables) -> bool {
+    is_canonical_but_ipcache(t) && ipcache_is_canonical(&t.ipcache)
+}
+
+fn is_canonical_but_ipcache(t: &HostTables) -> bool {
     t.endpoints.windows(2).all(|w| w[0].id <= w[1].id)
         && t.endpoints
             .iter()
             .all(|e| e.addrs.windows(2).all(|w| w[0] < w[1]))
-        && ipcache_is_canonical(&t.ipcache)
         && t.port_classes.windows(2).all(|w| w[0] <= w[1])
         && t.policy.windows(2).all(|w| w[0].0 <= w[1].0)
         && t.policy
@@ -212,11 +221,41 @@ pub fn canonical(t: &HostTables) -> Cow<'_, HostTables> {
     }
 }
 
-fn into_canonical(t: HostTables) -> HostTables {
-    if is_canonical(&t) {
-        t
-    } else {
-        canonicalize(&t)
+/// Tables in canonical order ([`canonicalize`]): what encodings, digests and deltas are
+/// defined over. Both ends hold their tables in this form, so that nothing is checked or
+/// sorted again on the way (the ipcache alone is tens of thousands of entries).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Canonical(HostTables);
+
+impl Canonical {
+    /// `t` in canonical order (copied and sorted only where it is not).
+    pub fn new(t: HostTables) -> Self {
+        Self::with_ipcache_known(t, false)
+    }
+
+    /// [`Canonical::new`], told whether the ipcache is known to be canonical already.
+    fn with_ipcache_known(t: HostTables, ipcache_canonical: bool) -> Self {
+        if is_canonical_but_ipcache(&t) && (ipcache_canonical || ipcache_is_canonical(&t.ipcache)) {
+            Self(t)
+        } else {
+            Self(canonicalize_with(&t, ipcache_canonical))
+        }
+    }
+
+    pub fn into_inner(self) -> HostTables {
+        self.0
+    }
+
+    /// The digests of these tables (see [`Digests`]).
+    pub fn digests(&self) -> Digests {
+        digests_canonical(&self.0)
+    }
+}
+
+impl std::ops::Deref for Canonical {
+    type Target = HostTables;
+    fn deref(&self) -> &HostTables {
+        &self.0
     }
 }
 
@@ -271,13 +310,17 @@ fn policy_from_pb(
 }
 
 pub fn tables_from_pb(p: &pb::Tables) -> Result<HostTables, WireError> {
+    canonical_from_pb(p).map(Canonical::into_inner)
+}
+
+fn canonical_from_pb(p: &pb::Tables) -> Result<Canonical, WireError> {
     let endpoints: Vec<EndpointTable> = p
         .endpoints
         .iter()
         .map(endpoint_from_pb)
         .collect::<Result<_, _>>()?;
     let policy = policy_from_pb(&endpoints, &p.policy)?;
-    Ok(into_canonical(HostTables {
+    Ok(Canonical::new(HostTables {
         ipcache: p
             .ipcache
             .iter()
@@ -297,12 +340,12 @@ pub fn tables_from_pb(p: &pb::Tables) -> Result<HostTables, WireError> {
 
 /// The tables a snapshot carries, checked against the digest it names (a snapshot is what
 /// an agent will enforce and later apply deltas to: its digest must be the tables').
-pub fn snapshot_tables(s: &pb::Snapshot) -> Result<(HostTables, Digests), WireError> {
+pub fn snapshot_tables(s: &pb::Snapshot) -> Result<(Canonical, Digests), WireError> {
     let tables = match &s.tables {
-        Some(t) => tables_from_pb(t)?,
-        None => HostTables::default(),
+        Some(t) => canonical_from_pb(t)?,
+        None => Canonical::default(),
     };
-    let got = digests_canonical(&tables);
+    let got = tables.digests();
     if got.tables != s.digest {
         return Err(WireError::DigestMismatch {
             got: got.tables,
@@ -618,28 +661,51 @@ pub fn digest(t: &HostTables) -> String {
     digests(t).tables
 }
 
-/// The digests of many hosts' tables, each shared ipcache hashed once: the compiler's hosts
-/// with the same peers hold one ipcache (`Arc`), recognised here by address.
-pub fn digests_of_many(tables: &[&HostTables]) -> Vec<Digests> {
-    let mut known: HashMap<*const IpcacheEntry, [u8; 32]> = HashMap::new();
-    tables
-        .iter()
-        .map(|t| {
-            let t = canonical(t);
-            let ipcache = match &t {
-                // `tables` borrows these for the whole call: no address is reused.
-                Cow::Borrowed(b) => *known
-                    .entry(b.ipcache.as_ptr())
-                    .or_insert_with(|| ipcache_digest(&b.ipcache)),
-                // A temporary copy: its address means nothing.
-                Cow::Owned(o) => ipcache_digest(&o.ipcache),
+/// Ipcaches already held elsewhere (the previous revision's), by their digest.
+pub type HeldIpcaches = HashMap<[u8; 32], SharedVec<IpcacheEntry>>;
+
+/// Many hosts' tables in canonical form, with their digests; each shared ipcache is checked
+/// and hashed once. The compiler gives hosts with the same peers one ipcache (a
+/// [`SharedVec`]), recognised here by its address. An ipcache whose contents equal one in
+/// `held` (same digest) is replaced by that one: one allocation across revisions, and a
+/// delta between them sees an unchanged ipcache by pointer.
+pub fn digests_of_many(tables: Vec<HostTables>, held: &HeldIpcaches) -> Vec<(Canonical, Digests)> {
+    // By address of an input ipcache: its digest and the canonical ipcache that replaces it.
+    // The inputs are kept until the call returns, so no other allocation takes an address.
+    let mut seen: HashMap<*const IpcacheEntry, ([u8; 32], SharedVec<IpcacheEntry>)> =
+        HashMap::new();
+    let mut inputs = Vec::with_capacity(tables.len());
+    let out = tables
+        .into_iter()
+        .map(|mut t| {
+            let input = t.ipcache.clone();
+            let known = seen.get(&input.as_ptr()).cloned();
+            if let Some((_, shared)) = &known {
+                t.ipcache = shared.clone();
+            }
+            let mut t = Canonical::with_ipcache_known(t, known.is_some()).0;
+            let ipcache = match known {
+                Some((d, _)) => d,
+                None => {
+                    let d = ipcache_digest(&t.ipcache);
+                    if let Some(h) = held.get(&d) {
+                        t.ipcache = h.clone();
+                    }
+                    seen.insert(input.as_ptr(), (d, t.ipcache.clone()));
+                    d
+                }
             };
-            Digests {
+            inputs.push(input);
+            let t = Canonical(t);
+            let digests = Digests {
                 tables: digest_canonical_with(&t, &ipcache),
                 ipcache,
-            }
+            };
+            (t, digests)
         })
-        .collect()
+        .collect();
+    drop(inputs);
+    out
 }
 
 pub fn hex(b: &[u8]) -> String {
@@ -736,20 +802,27 @@ fn ipcache_changes(
 
 /// The changes from `base` to `next`.
 pub fn delta(base: &HostTables, next: &HostTables, revision: pb::Revision) -> pb::Delta {
-    delta_with_digests(base, &digest(base), next, &digest(next), revision)
+    let (base, next) = (Canonical::new(base.clone()), Canonical::new(next.clone()));
+    delta_with_digests(
+        &base,
+        &base.digests().tables,
+        &next,
+        &next.digests().tables,
+        revision,
+    )
 }
 
 /// [`delta`] when both digests are already known (the controller keeps them). Works on the
 /// tables themselves: only what changed is converted to wire form, and an unchanged ipcache
 /// (the largest part, and the same on many hosts) costs one comparison.
 pub fn delta_with_digests(
-    base: &HostTables,
+    base: &Canonical,
     base_digest: &str,
-    next: &HostTables,
+    next: &Canonical,
     next_digest: &str,
     revision: pb::Revision,
 ) -> pb::Delta {
-    let (b, n) = (canonical(base), canonical(next));
+    let (b, n): (&HostTables, &HostTables) = (base, next);
     let b_eps: BTreeMap<&str, &EndpointTable> =
         b.endpoints.iter().map(|e| (e.id.as_str(), e)).collect();
     let n_eps: BTreeMap<&str, &EndpointTable> =
@@ -759,7 +832,7 @@ pub fn delta_with_digests(
     } else {
         ipcache_changes(&b.ipcache, &n.ipcache)
     };
-    let (b_pol, n_pol) = (policy_ids(&b), policy_ids(&n));
+    let (b_pol, n_pol) = (policy_ids(b), policy_ids(n));
     let port_classes_changed = b.port_classes != n.port_classes;
     let rules_changed = b.rules != n.rules;
     pb::Delta {
@@ -806,24 +879,25 @@ pub fn delta_with_digests(
 
 /// Apply a delta to the tables it was computed against; the result's digest is checked.
 pub fn apply_delta(base: &HostTables, d: &pb::Delta) -> Result<HostTables, WireError> {
-    apply_delta_to(base, &digests(base), d).map(|(t, _)| t)
+    let base = Canonical::new(base.clone());
+    apply_delta_to(&base, &base.digests(), d).map(|(t, _)| t.into_inner())
 }
 
 /// [`apply_delta`] when the caller knows the digests of `base` (it acknowledged them): the
 /// delta must be against that digest, and the result must have the digest the delta names.
 /// Returns the result's digests; an ipcache the delta leaves alone is not hashed again.
 pub fn apply_delta_to(
-    base: &HostTables,
+    base: &Canonical,
     base_digests: &Digests,
     d: &pb::Delta,
-) -> Result<(HostTables, Digests), WireError> {
+) -> Result<(Canonical, Digests), WireError> {
     if base_digests.tables != d.base_digest {
         return Err(WireError::BaseMismatch {
             base: d.base_digest.clone(),
             held: base_digests.tables.clone(),
         });
     }
-    let b = canonical(base);
+    let b: &HostTables = base;
     let removed: BTreeSet<&str> = d.endpoints_remove.iter().map(String::as_str).collect();
     let upserted: BTreeSet<&str> = d.endpoints_upsert.iter().map(|e| e.id.as_str()).collect();
     let mut endpoints: Vec<EndpointTable> = b
@@ -899,13 +973,16 @@ pub fn apply_delta_to(
     } else {
         b.rules.clone()
     };
-    let out = into_canonical(HostTables {
-        endpoints,
-        ipcache,
-        port_classes,
-        policy,
-        rules,
-    });
+    let out = Canonical::with_ipcache_known(
+        HostTables {
+            endpoints,
+            ipcache,
+            port_classes,
+            policy,
+            rules,
+        },
+        ipcache_unchanged,
+    );
     // The base was canonical, so its ipcache still is when the delta leaves it alone.
     let got = if ipcache_unchanged && SharedVec::ptr_eq(&out.ipcache, &b.ipcache) {
         Digests {
@@ -1053,10 +1130,10 @@ mod tests {
                 ipcache: ipc,
             };
             assert_eq!(digests(&t), want_digests);
-            assert_eq!(
-                digests_of_many(&[&t, &t]),
-                [want_digests.clone(), want_digests]
-            );
+            let many = digests_of_many(vec![t.clone(), t.clone()], &HeldIpcaches::new());
+            assert!(many
+                .iter()
+                .all(|(c, d)| **c == canonicalize(&t) && *d == want_digests));
             assert!(is_canonical(&canonicalize(&t)));
             assert_eq!(is_canonical(&t), canonicalize(&t) == t);
             for w in t.ipcache.windows(2) {
@@ -1107,7 +1184,8 @@ mod tests {
             }
             // With the base's digests known, the result and its digests are the same as
             // computed from scratch (an untouched ipcache's digest carried over).
-            match apply_delta_to(&a, &digests(&a), &d) {
+            let base = Canonical::new(a.clone());
+            match apply_delta_to(&base, &base.digests(), &d) {
                 Ok((got, got_digests)) => {
                     assert_eq!(got_digests, digests(&got));
                     assert_eq!(got_digests.tables, d.digest);
@@ -1161,6 +1239,39 @@ mod tests {
             t.policy.retain(|(k, _)| k.slot != 1);
         }
         t
+    }
+
+    #[test]
+    fn hosts_share_one_ipcache_across_hosts_and_revisions() {
+        let mut r = Rng(0x5eed);
+        let mut t = random_tables(&mut r);
+        while t.ipcache.len() < 3 {
+            t = random_tables(&mut r);
+        }
+        // Unsorted on purpose: the shared copy is the canonical one.
+        t.ipcache.reverse();
+        let hosts = vec![t.clone(), t.clone(), t.clone()];
+        let out = digests_of_many(hosts, &HeldIpcaches::new());
+        for (c, d) in &out {
+            assert!(SharedVec::ptr_eq(&c.ipcache, &out[0].0.ipcache));
+            assert_eq!(*d, digests(&t));
+        }
+        // Next revision: same contents, a new allocation; it takes the held one.
+        let held: HeldIpcaches = [(out[0].1.ipcache, out[0].0.ipcache.clone())].into();
+        let mut next = t.clone();
+        next.ipcache = next.ipcache.to_vec().into();
+        let again = digests_of_many(vec![next], &held);
+        assert!(SharedVec::ptr_eq(&again[0].0.ipcache, &out[0].0.ipcache));
+        assert_eq!(again[0].1, out[0].1);
+        // Different contents are never replaced.
+        let mut other = t.clone();
+        other.ipcache.pop();
+        let other_out = digests_of_many(vec![other.clone()], &held);
+        assert!(!SharedVec::ptr_eq(
+            &other_out[0].0.ipcache,
+            &out[0].0.ipcache
+        ));
+        assert_eq!(other_out[0].1, digests(&other));
     }
 
     #[test]
