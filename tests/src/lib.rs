@@ -699,6 +699,23 @@ impl Cluster {
         )
     }
 
+    /// Assert that `from` reaches `to:port`; on failure the message says whether a second
+    /// attempt got through (a slow machine) or not (a verdict), with the components' logs.
+    pub fn assert_reach(&self, from: &str, to: &str, port: u16, what: &str) {
+        if self.reach(from, to, port) {
+            return;
+        }
+        let retry = if self.reach(from, to, port) {
+            "a second attempt got through"
+        } else {
+            "a second attempt failed too"
+        };
+        panic!(
+            "{what}: {from} → {to}:{port} not reached within 700 ms ({retry})\n{}",
+            self.logs()
+        );
+    }
+
     /// Commit the example policy without the jump host's SSH/RDP rule (`sec-ssh-from-jump`);
     /// returns the commit id. The change the demo and the tests make.
     pub fn commit_revoke_jump_ssh(&self) -> Result<String> {

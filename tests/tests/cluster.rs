@@ -18,10 +18,10 @@ fn commits_are_enforced_everywhere_and_an_invalid_commit_changes_nothing() {
         return;
     };
     // Revision 1, across hosts: emr-app (hv1) → emr-db (hv2) on 5432 only.
-    assert!(c.reach("emr-app", "emr-db", 5432), "{}", c.logs());
+    c.assert_reach("emr-app", "emr-db", 5432, "revision 1");
     assert!(!c.reach("pacs-1", "emr-db", 5432));
     assert!(!c.reach("emr-app", "emr-db", 22));
-    assert!(c.reach("jump-1", "emr-db", 22), "jump host SSH");
+    c.assert_reach("jump-1", "emr-db", 22, "jump host SSH");
     assert!(!c.reach("his-app", "emr-app", 443));
 
     // Revision 2 revokes the jump host's SSH.
@@ -31,7 +31,7 @@ fn commits_are_enforced_everywhere_and_an_invalid_commit_changes_nothing() {
         .expect("enforced");
     eprintln!("commit-to-enforced on all hosts: {took:?}");
     assert!(!c.reach("jump-1", "emr-db", 22), "revoked");
-    assert!(c.reach("emr-app", "emr-db", 5432), "the rest unchanged");
+    c.assert_reach("emr-app", "emr-db", 5432, "the rest unchanged");
 
     // An invalid commit: rejected whole, reported, the previous revision still enforced.
     let bad = c
@@ -69,7 +69,7 @@ fn commits_are_enforced_everywhere_and_an_invalid_commit_changes_nothing() {
         Some(commit.as_str())
     );
     assert!(s.hosts.iter().all(|h| h.enforced_commit == commit));
-    assert!(c.reach("emr-app", "emr-db", 5432));
+    c.assert_reach("emr-app", "emr-db", 5432, "allowed");
     assert!(!c.reach("jump-1", "emr-db", 22));
 }
 
@@ -81,7 +81,7 @@ fn agents_keep_enforcing_without_the_controller_and_resync_when_it_returns() {
     let ctl = c.controller.take().expect("controller");
     let port = ctl.port;
     drop(ctl); // SIGKILL
-    assert!(c.reach("emr-app", "emr-db", 5432), "still allowed");
+    c.assert_reach("emr-app", "emr-db", 5432, "still allowed");
     assert!(!c.reach("pacs-1", "emr-db", 5432), "still denied");
     let commit = c.commit_revoke_jump_ssh().expect("commit");
     assert!(
@@ -133,7 +133,7 @@ fn a_vm_moved_to_another_host_keeps_its_verdicts() {
     let Some(mut c) = cluster("e2e-migration") else {
         return;
     };
-    assert!(c.reach("emr-app", "emr-db", 5432));
+    c.assert_reach("emr-app", "emr-db", 5432, "allowed");
     // emr-db leaves hv2 and starts on hv1 with the same address and labels.
     c.hosts[1]
         .remove_vm_from_inventory("emr-db")
