@@ -25,7 +25,8 @@ pub struct HostTables {
     /// Policy entries, sorted by key.
     pub policy: Vec<(PolicyKey, Verdict)>,
     /// Rule index → stable rule id (what counters and events name). Index 0 is the default.
-    pub rules: Vec<String>,
+    /// Shared: every host of one compile holds the same list.
+    pub rules: SharedVec<String>,
 }
 
 /// A vector shared by reference counting and copied on first write (`DerefMut`): large

@@ -76,7 +76,7 @@ impl Enforcer {
         let state_file = state_dir.join("applied.pb");
         let current = read_state(&state_file)?;
         if let Some(a) = &current {
-            tables.adopt_rule_names(a.tables.rules.clone())?;
+            tables.adopt_rule_names(a.tables.rules.to_vec())?;
         }
         Ok(Self {
             dp,
@@ -262,7 +262,7 @@ impl Enforcer {
                 .iter()
                 .map(|(id, slot)| (*slot, id.clone()))
                 .collect(),
-            rules: a.tables.rules.clone(),
+            rules: a.tables.rules.to_vec(),
             digest: a.digests.tables.clone(),
         };
         if let Ok(mut n) = self.names.write() {

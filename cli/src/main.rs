@@ -840,6 +840,6 @@ fn tables_json(t: &bulkhead_abi::model::HostTables, revision: &str) -> serde_jso
             "port_class": k.port_class, "action": action_name(v.action), "log": v.flags & VERDICT_LOG != 0,
             "refine": v.flags & VERDICT_REFINE != 0, "rule": v.rule,
         })).collect::<Vec<_>>(),
-        "rules": t.rules,
+        "rules": t.rules.as_slice(),
     })
 }

@@ -317,7 +317,12 @@ async fn run(n: usize) -> Run {
         break s
             .hosts
             .iter()
-            .filter_map(|(h, t)| Some((h.strip_prefix("hv-")?.parse().ok()?, t.digest.clone())))
+            .filter_map(|(h, t)| {
+                Some((
+                    h.strip_prefix("hv-")?.parse().ok()?,
+                    t.digests.tables.clone(),
+                ))
+            })
             .collect();
     };
     let served = committed.elapsed().as_secs_f64();

@@ -318,7 +318,7 @@ impl Controller {
                     enforced_digest: h.enforced_digest.clone(),
                     enforced_commit: h.enforced_commit.clone(),
                     enforced_since: h.enforced_since,
-                    desired_digest: t.map(|t| t.digest.clone()).unwrap_or_default(),
+                    desired_digest: t.map(|t| t.digests.tables.clone()).unwrap_or_default(),
                     endpoints: t.map_or(0, |t| t.tables.endpoints.len()),
                     vms: h.vms.clone(),
                     report: h.report.clone(),

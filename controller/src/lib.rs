@@ -41,9 +41,8 @@ pub type CompileFn = Arc<
 /// One host's compiled tables.
 #[derive(Clone, Debug)]
 pub struct HostTablesRev {
-    pub digest: String,
-    /// The ipcache part of the digest (see `bulkhead_wire::Digests`).
-    pub ipcache_digest: [u8; 32],
+    /// `digests.tables` names these tables; the shared parts' digests come with it.
+    pub digests: bulkhead_wire::Digests,
     pub tables: Arc<bulkhead_wire::Canonical>,
 }
 
@@ -101,7 +100,7 @@ const REJECTED_KEPT: usize = 50;
 /// an ipcache (the compiler gives hosts with the same peers one copy) have it hashed once.
 fn with_digests(
     hosts: BTreeMap<String, HostTables>,
-    held: &bulkhead_wire::HeldIpcaches,
+    held: &bulkhead_wire::HeldParts,
 ) -> BTreeMap<String, HostTablesRev> {
     let (names, tables): (Vec<String>, Vec<HostTables>) = hosts.into_iter().unzip();
     names
@@ -111,8 +110,7 @@ fn with_digests(
             (
                 h,
                 HostTablesRev {
-                    digest: d.tables,
-                    ipcache_digest: d.ipcache,
+                    digests: d,
                     tables: Arc::new(t),
                 },
             )
@@ -204,7 +202,7 @@ impl Controller {
         self.metrics
             .compile_seconds
             .observe(started.elapsed().as_secs_f64());
-        let held = self.held_ipcaches();
+        let held = self.held_parts();
         let result = result.map(|hosts| with_digests(hosts, &held));
         let mut st = self.state();
         st.seen_commit = head.clone();
@@ -291,7 +289,7 @@ impl Controller {
         self.metrics
             .compile_seconds
             .observe(started.elapsed().as_secs_f64());
-        let held = self.held_ipcaches();
+        let held = self.held_parts();
         let result = result.map(|hosts| with_digests(hosts, &held));
         let mut st = self.state();
         match result {
@@ -309,14 +307,13 @@ impl Controller {
         }
     }
 
-    /// The distinct ipcaches being served: a new compile's equal ones take these (one copy
-    /// across revisions; deltas between them see an unchanged ipcache by pointer).
-    fn held_ipcaches(&self) -> bulkhead_wire::HeldIpcaches {
+    /// The shared parts (ipcaches, rule lists) being served: a new compile's equal ones take
+    /// these (one copy across revisions; deltas between them see them unchanged by pointer).
+    fn held_parts(&self) -> bulkhead_wire::HeldParts {
         let st = self.state();
-        let mut held = bulkhead_wire::HeldIpcaches::new();
+        let mut held = bulkhead_wire::HeldParts::default();
         for t in st.serving.iter().flat_map(|s| s.hosts.values()) {
-            held.entry(t.ipcache_digest)
-                .or_insert_with(|| t.tables.ipcache.clone());
+            held.hold(&t.tables, &t.digests);
         }
         held
     }
@@ -359,7 +356,7 @@ impl Controller {
     ) {
         for (host, t) in &hosts {
             let h = st.hosts.entry(host.clone()).or_default();
-            if !h.known.iter().any(|k| k.digest == t.digest) {
+            if !h.known.iter().any(|k| k.digests.tables == t.digests.tables) {
                 h.known.push_front(t.clone());
                 h.known.truncate(KNOWN_PER_HOST);
             }
@@ -398,10 +395,8 @@ impl Controller {
         }
         let t = serving.hosts.get(host).cloned().unwrap_or_else(|| {
             let tables = Arc::<bulkhead_wire::Canonical>::default();
-            let d = tables.digests();
             HostTablesRev {
-                digest: d.tables,
-                ipcache_digest: d.ipcache,
+                digests: tables.digests(),
                 tables,
             }
         });
@@ -415,7 +410,7 @@ impl Controller {
             .get(host)?
             .known
             .iter()
-            .find(|k| k.digest == digest)
+            .find(|k| k.digests.tables == digest)
             .map(|k| k.tables.clone())
     }
 
@@ -427,7 +422,7 @@ impl Controller {
             .map(|s| {
                 s.hosts
                     .iter()
-                    .map(|(h, t)| (h.as_str(), t.digest.as_str()))
+                    .map(|(h, t)| (h.as_str(), t.digests.tables.as_str()))
                     .collect()
             })
             .unwrap_or_default();

@@ -109,7 +109,7 @@ async fn run_session(
     loop {
         // Push if what the host should enforce differs from what we last sent it.
         if let Some((revision, want, detected)) = ctl.desired(&host) {
-            if want.digest != sent && want.digest != held || need_snapshot {
+            if want.digests.tables != sent && want.digests.tables != held || need_snapshot {
                 // The agent applies messages in order: what it holds once the last message is
                 // applied is what we sent (a failed apply comes back as a resync request).
                 let base_digest = if sent.is_empty() {
@@ -129,7 +129,7 @@ async fn run_session(
                             &base,
                             &base_digest,
                             &want.tables,
-                            &want.digest,
+                            &want.digests.tables,
                             revision,
                         ))
                     }
@@ -137,7 +137,7 @@ async fn run_session(
                         ctl.metrics.snapshots.inc();
                         pb::controller_message::Kind::Snapshot(pb::Snapshot {
                             revision: Some(revision),
-                            digest: want.digest.clone(),
+                            digest: want.digests.tables.clone(),
                             tables: Some(bulkhead_wire::tables_to_pb(&want.tables)),
                         })
                     }
@@ -150,8 +150,8 @@ async fn run_session(
                     break;
                 }
                 need_snapshot = false;
-                sent = want.digest.clone();
-                sent_at = Some((want.digest, detected));
+                sent = want.digests.tables.clone();
+                sent_at = Some((want.digests.tables, detected));
             }
         }
         tokio::select! {
@@ -227,7 +227,11 @@ fn on_ack(ctl: &Controller, host: &str, ack: &pb::Ack, sent_at: &Option<(String,
     let commit = st
         .serving
         .as_ref()
-        .filter(|s| s.hosts.get(host).is_some_and(|t| t.digest == ack.digest))
+        .filter(|s| {
+            s.hosts
+                .get(host)
+                .is_some_and(|t| t.digests.tables == ack.digest)
+        })
         .map(|s| s.revision.commit.clone());
     let h = st.hosts.entry(host.to_string()).or_default();
     if ack.ok {

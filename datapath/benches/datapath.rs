@@ -59,7 +59,8 @@ fn policy_tables(rules: usize, server: &Ep, client: &Ep) -> HostTables {
         "default-deny".into(),
         "client-to-server".into(),
         "client-egress".into(),
-    ];
+    ]
+    .into();
     for (i, p) in SERVER_PORTS.iter().enumerate() {
         t.port_classes.push(PortClassRange {
             kind: PORT_KIND_L4,
@@ -109,7 +110,8 @@ fn policy_tables(rules: usize, server: &Ep, client: &Ep) -> HostTables {
                 break;
             }
             left -= 1;
-            t.rules.push(format!("filler-{}", t.rules.len()));
+            let n = t.rules.len();
+            t.rules.push(format!("filler-{n}"));
             let rule = t.rules.len() as u32 - 1;
             p.push((
                 key(0, DIR_INGRESS, id, 6, filler_class0 + f),

@@ -281,7 +281,7 @@ impl Tables {
         let mut used: HashSet<u32> = known.values().copied().collect();
         let mut next_free = 0u32;
         let mut img = GenImage {
-            rules: tables.rules.clone(),
+            rules: tables.rules.to_vec(),
             ..Default::default()
         };
         // Table endpoint index → datapath slot, for bound endpoints.

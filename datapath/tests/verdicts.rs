@@ -2013,7 +2013,7 @@ fn generation_swap_is_atomic_and_only_the_active_generation_judges() {
     // Each generation also carries its own endpoint entry: an epoch whose generation has
     // no entry for the interface gets the bootstrap posture.
     e.apply(&HostTables {
-        rules: vec!["r0".into()],
+        rules: vec!["r0".into()].into(),
         ..Default::default()
     });
     let [boot] = e.delta([STAT_DROP_BOOTSTRAP], || {

@@ -96,6 +96,8 @@ pub(crate) struct Shared<'a> {
     default: Verdict,
     /// The rules section of [`canonical_bytes`]: identical on every host, so encoded once.
     rules_enc: Vec<u8>,
+    /// Rule index → id, one list held by every host's tables.
+    rule_ids: SharedVec<String>,
     /// Host → its VMs sorted by name; built on first use (an incremental compile may need
     /// no host at all).
     by_host: std::sync::OnceLock<HashMap<&'a str, Vec<usize>>>,
@@ -112,6 +114,7 @@ impl<'a> Shared<'a> {
             res,
             default: default_verdict(res),
             rules_enc,
+            rule_ids: res.rule_ids().into(),
             by_host: std::sync::OnceLock::new(),
             envs: std::sync::Mutex::new(FxMap::default()),
         }
@@ -1189,7 +1192,7 @@ fn compile_host_in(
         ipcache: env.ipcache.clone(),
         port_classes: pc.table,
         policy,
-        rules: res.rule_ids(),
+        rules: sh.rule_ids.clone(),
     };
     let revision = revision_of(&tables, &env.ipcache_digest, &sh.rules_enc);
     let out = HostOutput {

@@ -271,7 +271,7 @@ pub fn tables_to_pb(t: &HostTables) -> pb::Tables {
             .iter()
             .map(|(k, v)| policy_to_pb(&t, k, v))
             .collect(),
-        rules: t.rules.clone(),
+        rules: t.rules.to_vec(),
     }
 }
 
@@ -334,7 +334,7 @@ fn canonical_from_pb(p: &pb::Tables) -> Result<Canonical, WireError> {
             .collect::<Result<_, _>>()?,
         endpoints,
         policy,
-        rules: p.rules.clone(),
+        rules: p.rules.clone().into(),
     }))
 }
 
@@ -529,8 +529,21 @@ mod encode {
     #[derive(Clone, Copy, PartialEq, Eq)]
     pub(super) enum Sections {
         All,
-        /// Everything but the ipcache (its digest stands in for it).
-        WithoutIpcache,
+        /// The host's own sections: everything but the ipcache and the rules (the parts
+        /// shared with other hosts, whose digests stand in for them).
+        Own,
+    }
+
+    /// The rule ids of the `pb::Tables` encoding; `flush` as in [`tables`].
+    pub(super) fn rules_section(
+        rules: &[String],
+        b: &mut Vec<u8>,
+        flush: &mut dyn FnMut(&mut Vec<u8>),
+    ) {
+        for r in rules {
+            bytes_elem(b, 5, r.as_bytes());
+            flush(b);
+        }
     }
 
     /// The ipcache elements of the `pb::Tables` encoding; `flush` as in [`tables`].
@@ -573,9 +586,8 @@ mod encode {
             policy(b, id(k.slot), k, v);
             flush(b);
         }
-        for r in &t.rules {
-            bytes_elem(b, 5, r.as_bytes());
-            flush(b);
+        if sections == Sections::All {
+            rules_section(&t.rules, b, flush);
         }
     }
 
@@ -601,18 +613,20 @@ pub fn encode_tables(t: &HostTables) -> Vec<u8> {
     b
 }
 
-/// What both ends name tables by, and the part of it that many hosts and revisions share.
+/// What both ends name tables by, and the parts of it that many hosts and revisions share.
 ///
-/// `tables` = hex SHA-256 of (`ipcache` ‖ the canonical wire encoding without the ipcache
-/// elements); `ipcache` = SHA-256 of the ipcache elements' canonical wire encoding. The
-/// ipcache is the bulk of large tables and is the same on every host whose rules name the
-/// same peers and in every revision that moved no address: hashed once per content (the
-/// controller, once per compile for all hosts sharing it; the agent, only when a delta
-/// changes it), while the digest still covers every byte of the tables.
+/// `ipcache` = SHA-256 of the ipcache elements' canonical wire encoding; `rules` = SHA-256 of
+/// the rule ids' wire encoding; `tables` = hex SHA-256 of (`ipcache` ‖ `rules` ‖ the
+/// canonical wire encoding of the rest: endpoints, port classes, policy). The ipcache and
+/// the rule ids are the bulk of large tables and the same on every host whose rules name
+/// the same peers, and across revisions that move no address or rename no rule: each is
+/// hashed once per content (the controller, once per compile for all hosts sharing it; the
+/// agent, only when a delta changes it), while the digest still covers every byte.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Digests {
     pub tables: String,
     pub ipcache: [u8; 32],
+    pub rules: [u8; 32],
 }
 
 /// Feed an encoder's output to a hash in pieces, never holding the encoding whole.
@@ -635,20 +649,27 @@ pub fn ipcache_digest(ipcache: &[IpcacheEntry]) -> [u8; 32] {
     hash_encoded(|b, flush| encode::ipcache_section(ipcache, b, flush))
 }
 
-/// The tables digest of canonical tables whose ipcache digest is known.
-fn digest_canonical_with(t: &HostTables, ipcache: &[u8; 32]) -> String {
-    hex(&hash_encoded(|b, flush| {
-        b.extend_from_slice(ipcache);
-        encode::tables(t, encode::Sections::WithoutIpcache, b, flush)
-    }))
+/// The digest of a rule id list: see [`Digests`].
+pub fn rules_digest(rules: &[String]) -> [u8; 32] {
+    hash_encoded(|b, flush| encode::rules_section(rules, b, flush))
+}
+
+/// The digests of canonical tables whose shared parts' digests are known.
+fn digests_with(t: &HostTables, ipcache: [u8; 32], rules: [u8; 32]) -> Digests {
+    let tables = hex(&hash_encoded(|b, flush| {
+        b.extend_from_slice(&ipcache);
+        b.extend_from_slice(&rules);
+        encode::tables(t, encode::Sections::Own, b, flush)
+    }));
+    Digests {
+        tables,
+        ipcache,
+        rules,
+    }
 }
 
 fn digests_canonical(t: &HostTables) -> Digests {
-    let ipcache = ipcache_digest(&t.ipcache);
-    Digests {
-        tables: digest_canonical_with(t, &ipcache),
-        ipcache,
-    }
+    digests_with(t, ipcache_digest(&t.ipcache), rules_digest(&t.rules))
 }
 
 /// The digests of `t` (see [`Digests`]).
@@ -661,25 +682,72 @@ pub fn digest(t: &HostTables) -> String {
     digests(t).tables
 }
 
-/// Ipcaches already held elsewhere (the previous revision's), by their digest.
-pub type HeldIpcaches = HashMap<[u8; 32], SharedVec<IpcacheEntry>>;
+/// Shared parts already held elsewhere (the previous revision's), by their digests.
+#[derive(Default)]
+pub struct HeldParts {
+    pub ipcaches: HashMap<[u8; 32], SharedVec<IpcacheEntry>>,
+    pub rules: HashMap<[u8; 32], SharedVec<String>>,
+}
 
-/// Many hosts' tables in canonical form, with their digests; each shared ipcache is checked
-/// and hashed once. The compiler gives hosts with the same peers one ipcache (a
-/// [`SharedVec`]), recognised here by its address. An ipcache whose contents equal one in
-/// `held` (same digest) is replaced by that one: one allocation across revisions, and a
-/// delta between them sees an unchanged ipcache by pointer.
-pub fn digests_of_many(tables: Vec<HostTables>, held: &HeldIpcaches) -> Vec<(Canonical, Digests)> {
-    // By address of an input ipcache: its digest and the canonical ipcache that replaces it.
-    // The inputs are kept until the call returns, so no other allocation takes an address.
-    let mut seen: HashMap<*const IpcacheEntry, ([u8; 32], SharedVec<IpcacheEntry>)> =
-        HashMap::new();
-    let mut inputs = Vec::with_capacity(tables.len());
-    let out = tables
+impl HeldParts {
+    /// Hold the shared parts of `t`, whose digests are `d`.
+    pub fn hold(&mut self, t: &HostTables, d: &Digests) {
+        self.ipcaches
+            .entry(d.ipcache)
+            .or_insert_with(|| t.ipcache.clone());
+        self.rules.entry(d.rules).or_insert_with(|| t.rules.clone());
+    }
+}
+
+/// One shared part over a call of [`digests_of_many`]: by the address of an input's part,
+/// its digest and the (canonical, possibly held) part that replaces it. The inputs are kept
+/// until the memo is dropped, so no other allocation can take one of their addresses.
+struct PartMemo<T> {
+    seen: HashMap<*const T, ([u8; 32], SharedVec<T>)>,
+    inputs: Vec<SharedVec<T>>,
+}
+
+impl<T: Clone> PartMemo<T> {
+    fn new() -> Self {
+        Self {
+            seen: HashMap::new(),
+            inputs: Vec::new(),
+        }
+    }
+
+    fn get(&self, input: &SharedVec<T>) -> Option<([u8; 32], SharedVec<T>)> {
+        self.seen.get(&input.as_ptr()).cloned()
+    }
+
+    /// Record `input`'s digest `d`; `part` is its canonical form, replaced by a held part
+    /// with the same digest if there is one. Returns what the output holds.
+    fn put(
+        &mut self,
+        input: SharedVec<T>,
+        d: [u8; 32],
+        part: SharedVec<T>,
+        held: &HashMap<[u8; 32], SharedVec<T>>,
+    ) -> SharedVec<T> {
+        let part = held.get(&d).cloned().unwrap_or(part);
+        self.seen.insert(input.as_ptr(), (d, part.clone()));
+        self.inputs.push(input);
+        part
+    }
+}
+
+/// Many hosts' tables in canonical form, with their digests; each shared part (ipcache, rule
+/// ids) is checked and hashed once. The compiler gives hosts with the same peers one ipcache
+/// and every host one rule list ([`SharedVec`]s), recognised here by address. A part whose
+/// contents equal one in `held` (same digest) is replaced by that one: one allocation across
+/// revisions, and a delta between them sees the unchanged part by pointer.
+pub fn digests_of_many(tables: Vec<HostTables>, held: &HeldParts) -> Vec<(Canonical, Digests)> {
+    let mut ipcaches = PartMemo::new();
+    let mut rules = PartMemo::new();
+    tables
         .into_iter()
         .map(|mut t| {
-            let input = t.ipcache.clone();
-            let known = seen.get(&input.as_ptr()).cloned();
+            let (ipcache_in, rules_in) = (t.ipcache.clone(), t.rules.clone());
+            let known = ipcaches.get(&ipcache_in);
             if let Some((_, shared)) = &known {
                 t.ipcache = shared.clone();
             }
@@ -688,24 +756,25 @@ pub fn digests_of_many(tables: Vec<HostTables>, held: &HeldIpcaches) -> Vec<(Can
                 Some((d, _)) => d,
                 None => {
                     let d = ipcache_digest(&t.ipcache);
-                    if let Some(h) = held.get(&d) {
-                        t.ipcache = h.clone();
-                    }
-                    seen.insert(input.as_ptr(), (d, t.ipcache.clone()));
+                    t.ipcache = ipcaches.put(ipcache_in, d, t.ipcache.clone(), &held.ipcaches);
                     d
                 }
             };
-            inputs.push(input);
-            let t = Canonical(t);
-            let digests = Digests {
-                tables: digest_canonical_with(&t, &ipcache),
-                ipcache,
+            let rules_d = match rules.get(&rules_in) {
+                Some((d, shared)) => {
+                    t.rules = shared;
+                    d
+                }
+                None => {
+                    let d = rules_digest(&t.rules);
+                    t.rules = rules.put(rules_in, d, t.rules.clone(), &held.rules);
+                    d
+                }
             };
-            (t, digests)
+            let digests = digests_with(&t, ipcache, rules_d);
+            (Canonical(t), digests)
         })
-        .collect();
-    drop(inputs);
-    out
+        .collect()
 }
 
 pub fn hex(b: &[u8]) -> String {
@@ -834,7 +903,7 @@ pub fn delta_with_digests(
     };
     let (b_pol, n_pol) = (policy_ids(b), policy_ids(n));
     let port_classes_changed = b.port_classes != n.port_classes;
-    let rules_changed = b.rules != n.rules;
+    let rules_changed = !SharedVec::ptr_eq(&b.rules, &n.rules) && b.rules != n.rules;
     pb::Delta {
         revision: Some(revision),
         base_digest: base_digest.to_string(),
@@ -870,7 +939,7 @@ pub fn delta_with_digests(
             .collect(),
         rules_changed,
         rules: if rules_changed {
-            n.rules.clone()
+            n.rules.to_vec()
         } else {
             Vec::new()
         },
@@ -969,7 +1038,7 @@ pub fn apply_delta_to(
     let policy = policy_from_pb(&endpoints, &policy)?;
 
     let rules = if d.rules_changed {
-        d.rules.clone()
+        d.rules.clone().into()
     } else {
         b.rules.clone()
     };
@@ -983,15 +1052,19 @@ pub fn apply_delta_to(
         },
         ipcache_unchanged,
     );
-    // The base was canonical, so its ipcache still is when the delta leaves it alone.
-    let got = if ipcache_unchanged && SharedVec::ptr_eq(&out.ipcache, &b.ipcache) {
-        Digests {
-            tables: digest_canonical_with(&out, &base_digests.ipcache),
-            ipcache: base_digests.ipcache,
-        }
+    // The base was canonical, so its ipcache still is when the delta leaves it alone; a
+    // part still shared with the base has the base's digest.
+    let ipcache = if SharedVec::ptr_eq(&out.ipcache, &b.ipcache) {
+        base_digests.ipcache
     } else {
-        digests_canonical(&out)
+        ipcache_digest(&out.ipcache)
     };
+    let rules = if SharedVec::ptr_eq(&out.rules, &b.rules) {
+        base_digests.rules
+    } else {
+        rules_digest(&out.rules)
+    };
+    let got = digests_with(&out, ipcache, rules);
     if got.tables != d.digest {
         return Err(WireError::DigestMismatch {
             got: got.tables,
@@ -1121,16 +1194,23 @@ mod tests {
                 ipcache: std::mem::take(&mut wire.ipcache),
                 ..Default::default()
             };
+            let only_rules = pb::Tables {
+                rules: std::mem::take(&mut wire.rules),
+                ..Default::default()
+            };
             let ipc: [u8; 32] = Sha256::digest(only_ipcache.encode_to_vec()).into();
+            let rules: [u8; 32] = Sha256::digest(only_rules.encode_to_vec()).into();
             let mut h = Sha256::new();
             h.update(ipc);
+            h.update(rules);
             h.update(wire.encode_to_vec());
             let want_digests = Digests {
                 tables: hex(&h.finalize()),
                 ipcache: ipc,
+                rules,
             };
             assert_eq!(digests(&t), want_digests);
-            let many = digests_of_many(vec![t.clone(), t.clone()], &HeldIpcaches::new());
+            let many = digests_of_many(vec![t.clone(), t.clone()], &HeldParts::default());
             assert!(many
                 .iter()
                 .all(|(c, d)| **c == canonicalize(&t) && *d == want_digests));
@@ -1165,6 +1245,10 @@ mod tests {
                 }
                 if let Some(e) = b.endpoints.first_mut() {
                     e.flags ^= 1;
+                }
+                if r.below(4) == 0 {
+                    // Copy on write: the base keeps its list.
+                    b.rules.push("renamed".into());
                 }
                 b.policy.retain(|_| r.below(4) != 0);
                 b
@@ -1227,7 +1311,7 @@ mod tests {
                     Verdict::new(ACTION_ALLOW, 0, 1),
                 ),
             ],
-            rules: vec!["default".into(), "web".into()],
+            rules: vec!["default".into(), "web".into()].into(),
         };
         if extra_rule {
             t.policy.push((
@@ -1251,13 +1335,15 @@ mod tests {
         // Unsorted on purpose: the shared copy is the canonical one.
         t.ipcache.reverse();
         let hosts = vec![t.clone(), t.clone(), t.clone()];
-        let out = digests_of_many(hosts, &HeldIpcaches::new());
+        let out = digests_of_many(hosts, &HeldParts::default());
         for (c, d) in &out {
             assert!(SharedVec::ptr_eq(&c.ipcache, &out[0].0.ipcache));
+            assert!(SharedVec::ptr_eq(&c.rules, &t.rules));
             assert_eq!(*d, digests(&t));
         }
         // Next revision: same contents, a new allocation; it takes the held one.
-        let held: HeldIpcaches = [(out[0].1.ipcache, out[0].0.ipcache.clone())].into();
+        let mut held = HeldParts::default();
+        held.hold(&out[0].0, &out[0].1);
         let mut next = t.clone();
         next.ipcache = next.ipcache.to_vec().into();
         let again = digests_of_many(vec![next], &held);
