@@ -2314,6 +2314,32 @@ fn established_fast_path_counts_and_keeps_every_check() {
         assert_eq!(e.ct(&k).unwrap().state, CT_TCP_CLOSED);
     }
 
+    // A client reusing its port while the old connection's entry is still closing (FIN
+    // seen both ways): the SYN opens a new flow, judged by policy, which reaches ESTABLISHED
+    // and the fast path again.
+    let sp = port();
+    let out = |flags| out4(world, 6, tcp(sp, 443, 1, 1, flags));
+    let inn = |flags| in4(world, 6, tcp(443, sp, 1, 2, flags));
+    let k = ct_key(v4_mapped(VM4), sp, v4_mapped(world), 443, 6);
+    assert_eq!(e.vm_sends(&out(SYN)), PASS);
+    assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
+    assert_eq!(e.vm_sends(&out(ACK)), PASS);
+    assert_eq!(e.vm_sends(&out(FIN | ACK)), PASS);
+    assert_eq!(e.vm_receives(&inn(FIN | ACK)), PASS);
+    assert_eq!(e.ct(&k).unwrap().state, CT_TCP_CLOSING);
+    let [reopened, policy] = e.delta([STAT_CT_EXPIRED, STAT_PASS_POLICY], || {
+        assert_eq!(e.vm_sends(&out(SYN)), PASS);
+    });
+    assert_eq!((reopened, policy), (1, 1));
+    assert_eq!(e.ct(&k).unwrap().state, CT_TCP_SYN_SENT);
+    assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
+    assert_eq!(e.vm_sends(&out(ACK)), PASS);
+    let [fast] = e.delta([STAT_CT_FAST], || {
+        assert_eq!(e.vm_sends(&out(ACK | PSH)), PASS);
+        assert_eq!(e.vm_receives(&inn(ACK)), PASS);
+    });
+    assert_eq!(fast, 2);
+
     // UDP: the first reply records the reply state (full path), the next ones are fast.
     let sp = port();
     assert_eq!(e.vm_sends(&out4(world, 17, udp(sp, 53, b"q"))), PASS);

@@ -173,7 +173,11 @@ fn judge(c: &Cx) -> Result<i32, u32> {
         // SAFETY: a valid map value; concurrent updates of one flow's entry only race on
         // timestamps and state bits, as in every eBPF conntrack.
         let e = unsafe { &mut *e };
-        let reopen = pkt.proto == IPPROTO_TCP && e.state == CT_TCP_CLOSED && syn_only(pkt);
+        // A SYN on a closing or closed tuple opens a new connection (a client reusing its
+        // port, as `tcp_tw_reuse` does): judged by policy again, tracked from its handshake.
+        let reopen = pkt.proto == IPPROTO_TCP
+            && matches!(e.state, CT_TCP_FIN_WAIT | CT_TCP_CLOSING | CT_TCP_CLOSED)
+            && syn_only(pkt);
         if e.expires_ns > now && !reopen {
             return Ok(tracked(c, &eth, pkt, &key, e, src_is_a, now));
         }
