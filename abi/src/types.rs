@@ -6,6 +6,8 @@
 pub struct Config {
     /// Policy epoch. Bumped by one at every swap; `epoch & 1` is the active generation.
     /// Conntrack entries remember the epoch that admitted them and are re-judged on mismatch.
+    /// Never set back: an epoch names one content of the active generation (conntrack
+    /// entries and the datapath's per-CPU endpoint cache rely on it).
     pub epoch: u32,
     /// Flow events per endpoint, per CPU, per second (0 = [`crate::DEFAULT_EVENT_RATE`]).
     pub event_rate: u32,

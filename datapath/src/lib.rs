@@ -176,6 +176,25 @@ impl Datapath {
         Ok(())
     }
 
+    /// What the kernel measured for one hook's program since it was loaded: total run time
+    /// and number of runs, over every interface it is attached to. Counted only while run-time
+    /// statistics are on (`kernel.bpf_stats_enabled`, or a `BPF_ENABLE_STATS` fd held):
+    /// the per-packet cost in the real path, for benchmarks and diagnosis.
+    #[doc(hidden)]
+    pub fn run_stats(&self, hook: Hook) -> Result<(Duration, u64), DatapathError> {
+        let name = hook.program_name();
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let info = prog
+            .info()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        Ok((info.run_time(), info.run_count()))
+    }
+
     /// Interfaces that have pinned links (from any loader, this run or earlier).
     pub fn attached_interfaces(&self) -> Result<Vec<u32>, DatapathError> {
         attach::pinned_interfaces(&self.pin_root)
@@ -314,8 +333,17 @@ pub struct Maps {
 }
 
 impl Maps {
-    /// Sum of one datapath counter over all CPUs.
+    /// Sum of one datapath counter over all CPUs. `STAT_PACKETS` and `STAT_CT_HIT` include
+    /// the packets of the fast path (`STAT_CT_FAST`), which counts them there only.
     pub fn stat(&self, index: u32) -> Result<u64, DatapathError> {
+        let raw = self.raw_stat(index)?;
+        if index == STAT_PACKETS || index == STAT_CT_HIT {
+            return Ok(raw + self.raw_stat(STAT_CT_FAST)?);
+        }
+        Ok(raw)
+    }
+
+    fn raw_stat(&self, index: u32) -> Result<u64, DatapathError> {
         let v = self
             .dp_stats
             .get(&index, 0)

@@ -1993,19 +1993,24 @@ fn generation_swap_is_atomic_and_only_the_active_generation_judges() {
         c.epoch = epoch;
         config.set(0, &c, 0).unwrap();
     };
+    // Epochs only ever grow (conntrack entries and the per-CPU endpoint cache are tagged
+    // with them): flip generations by moving on to the next even or odd epoch.
+    let mut epoch = 2;
     for round in 0..4 {
         assert_eq!(
             e.vm_receives(&db()),
             TC_ACT_SHOT,
-            "round {round}: epoch 2 (gen 0) denies"
+            "round {round}: epoch {epoch} (gen 0) denies"
         );
-        set_epoch(&mut config, 3);
+        epoch += 1;
+        set_epoch(&mut config, epoch);
         assert_eq!(
             e.vm_receives(&db()),
             PASS,
-            "round {round}: epoch 3 (gen 1) allows"
+            "round {round}: epoch {epoch} (gen 1) allows"
         );
-        set_epoch(&mut config, 2);
+        epoch += 1;
+        set_epoch(&mut config, epoch);
     }
     // Rule indices are per generation: the allow was counted in gen 1's slot of rule 1.
     let rc = e.t.rule_counters().unwrap();
@@ -2203,4 +2208,150 @@ fn ipv4_peers_never_take_an_ipv6_prefix_identity() {
     let v6peer = a6([0x2001, 0xdb8, 0xff, 0], 1);
     assert_eq!(e.vm_receives(&in6(v6peer, 6, syn(22))), PASS);
     assert_eq!(e.vm_receives(&in4([10, 2, 0, 1], 6, syn(5432))), PASS);
+}
+
+/// The established fast path (`ebpf/src/fast.rs`): what it passes is counted as the full
+/// path would count it (datapath, rule and endpoint counters; conntrack refreshed), and
+/// whatever the full path must judge still reaches it — a reversed tuple from the VM (the
+/// peer's address as source), a foreign source MAC, a new policy epoch, the first UDP reply,
+/// SYN/FIN/RST segments.
+#[test]
+fn established_fast_path_counts_and_keeps_every_check() {
+    let Some(mut e) = env("fast-path") else {
+        return;
+    };
+    let world = [203, 0, 113, 80];
+    let world6 = a6([0x2001, 0xdb8, 0xff, 0], 0x80);
+    for ipv6 in [false, true] {
+        let sp = port();
+        let out = |flags| {
+            let l4 = tcp(sp, 443, 1, 1, flags);
+            if ipv6 {
+                out6(world6, 6, l4)
+            } else {
+                out4(world, 6, l4)
+            }
+        };
+        let inn = |flags| {
+            let l4 = tcp(443, sp, 1, 2, flags);
+            if ipv6 {
+                in6(world6, 6, l4)
+            } else {
+                in4(world, 6, l4)
+            }
+        };
+        let k = if ipv6 {
+            ct_key(VM6, sp, world6, 443, 6)
+        } else {
+            ct_key(v4_mapped(VM4), sp, v4_mapped(world), 443, 6)
+        };
+        // The handshake changes the entry's state: the full path.
+        let [fast] = e.delta([STAT_CT_FAST], || {
+            assert_eq!(e.vm_sends(&out(SYN)), PASS);
+            assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
+            assert_eq!(e.vm_sends(&out(ACK)), PASS);
+        });
+        assert_eq!(fast, 0);
+        let ent = e.ct(&k).unwrap();
+        assert_eq!(ent.state, CT_TCP_ESTABLISHED);
+        assert_ne!(ent.flags & CT_SRC_CHECKED, 0, "the VM's source was checked");
+
+        // Established segments both ways take the fast path and count everywhere.
+        let st0 = e.t.endpoint_stats(e.slot).unwrap();
+        let rc0 = e.t.rule_counters().unwrap()["r11"].packets;
+        let [fast, hit, packets, policy] = e.delta(
+            [STAT_CT_FAST, STAT_CT_HIT, STAT_PACKETS, STAT_PASS_POLICY],
+            || {
+                for _ in 0..3 {
+                    assert_eq!(e.vm_sends(&out(ACK | PSH)), PASS);
+                    assert_eq!(e.vm_receives(&inn(ACK)), PASS);
+                }
+            },
+        );
+        assert_eq!((fast, hit, packets, policy), (6, 6, 6, 0));
+        let st = e.t.endpoint_stats(e.slot).unwrap();
+        assert_eq!(st.allow_packets[0] - st0.allow_packets[0], 3);
+        assert_eq!(st.allow_packets[1] - st0.allow_packets[1], 3);
+        let seg = out(ACK | PSH).len() as u64;
+        assert_eq!(st.allow_bytes[0] - st0.allow_bytes[0], 3 * seg);
+        assert_eq!(e.t.rule_counters().unwrap()["r11"].packets - rc0, 6);
+
+        // The VM sending the flow's reversed tuple (the peer's address as its source) hits
+        // the same entry but is a spoof, and so is a foreign source MAC.
+        let reversed = if ipv6 {
+            v6(VM_MAC, PEER_MAC, world6, VM6, 6, tcp(443, sp, 1, 2, ACK))
+        } else {
+            v4(VM_MAC, PEER_MAC, world, VM4, 6, tcp(443, sp, 1, 2, ACK))
+        };
+        let mut foreign_mac = out(ACK);
+        foreign_mac[6..12].copy_from_slice(&PEER_MAC);
+        let [spoof, fast] = e.delta([STAT_DROP_SPOOF, STAT_CT_FAST], || {
+            assert_eq!(e.vm_sends(&reversed), TC_ACT_SHOT);
+            assert_eq!(e.vm_sends(&foreign_mac), TC_ACT_SHOT);
+        });
+        assert_eq!((spoof, fast), (2, 0));
+
+        // A new epoch: the next packet is judged again (full path), later ones are fast.
+        let tables = base_tables(0);
+        e.apply(&tables);
+        assert_eq!(e.ct(&k).unwrap().flags & CT_SRC_CHECKED, CT_SRC_CHECKED);
+        let [rejudged, fast] = e.delta([STAT_CT_REJUDGED, STAT_CT_FAST], || {
+            assert_eq!(e.vm_receives(&inn(ACK)), PASS);
+        });
+        assert_eq!((rejudged, fast), (1, 0));
+        // Re-judged by an ingress packet: the VM's source must be checked again.
+        assert_eq!(e.ct(&k).unwrap().flags & CT_SRC_CHECKED, 0);
+        let [fast] = e.delta([STAT_CT_FAST], || {
+            assert_eq!(e.vm_receives(&inn(ACK)), PASS);
+            assert_eq!(e.vm_sends(&out(ACK)), PASS);
+            assert_eq!(e.vm_sends(&out(ACK)), PASS);
+        });
+        assert_eq!(fast, 2, "ingress fast, first egress checked, then fast");
+
+        // FIN and RST still drive the state machine.
+        assert_eq!(e.vm_sends(&out(FIN | ACK)), PASS);
+        assert_eq!(e.ct(&k).unwrap().state, CT_TCP_FIN_WAIT);
+        assert_eq!(e.vm_receives(&inn(RST)), PASS);
+        assert_eq!(e.ct(&k).unwrap().state, CT_TCP_CLOSED);
+    }
+
+    // A client reusing its port while the old connection's entry is still closing (FIN
+    // seen both ways): the SYN opens a new flow, judged by policy, which reaches ESTABLISHED
+    // and the fast path again.
+    let sp = port();
+    let out = |flags| out4(world, 6, tcp(sp, 443, 1, 1, flags));
+    let inn = |flags| in4(world, 6, tcp(443, sp, 1, 2, flags));
+    let k = ct_key(v4_mapped(VM4), sp, v4_mapped(world), 443, 6);
+    assert_eq!(e.vm_sends(&out(SYN)), PASS);
+    assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
+    assert_eq!(e.vm_sends(&out(ACK)), PASS);
+    assert_eq!(e.vm_sends(&out(FIN | ACK)), PASS);
+    assert_eq!(e.vm_receives(&inn(FIN | ACK)), PASS);
+    assert_eq!(e.ct(&k).unwrap().state, CT_TCP_CLOSING);
+    let [reopened, policy] = e.delta([STAT_CT_EXPIRED, STAT_PASS_POLICY], || {
+        assert_eq!(e.vm_sends(&out(SYN)), PASS);
+    });
+    assert_eq!((reopened, policy), (1, 1));
+    assert_eq!(e.ct(&k).unwrap().state, CT_TCP_SYN_SENT);
+    assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
+    assert_eq!(e.vm_sends(&out(ACK)), PASS);
+    let [fast] = e.delta([STAT_CT_FAST], || {
+        assert_eq!(e.vm_sends(&out(ACK | PSH)), PASS);
+        assert_eq!(e.vm_receives(&inn(ACK)), PASS);
+    });
+    assert_eq!(fast, 2);
+
+    // UDP: the first reply records the reply state (full path), the next ones are fast.
+    let sp = port();
+    assert_eq!(e.vm_sends(&out4(world, 17, udp(sp, 53, b"q"))), PASS);
+    let reply = in4(world, 17, udp(53, sp, b"a"));
+    let [fast] = e.delta([STAT_CT_FAST], || assert_eq!(e.vm_receives(&reply), PASS));
+    assert_eq!(fast, 0);
+    let k = ct_key(v4_mapped(VM4), sp, v4_mapped(world), 53, 17);
+    assert_eq!(e.ct(&k).unwrap().state, CT_REPLIED);
+    let [fast] = e.delta([STAT_CT_FAST], || {
+        assert_eq!(e.vm_receives(&reply), PASS);
+        assert_eq!(e.vm_sends(&out4(world, 17, udp(sp, 53, b"q"))), PASS);
+    });
+    assert_eq!(fast, 2);
 }

@@ -14,8 +14,10 @@ use bulkhead_abi::*;
 use crate::{
     conntrack,
     events::{emit, EventInfo},
+    fast,
     maps::{
-        stat, CONFIG, CONNTRACK, ENDPOINTS, EP_ADDRS, EP_STATS, FRAGS, RULE_STATS, SCRATCH_PKT,
+        stat, CONFIG, CONNTRACK, ENDPOINTS, EP_ADDRS, EP_CACHE, EP_CACHE_SLOTS, EP_STATS, FRAGS,
+        RULE_STATS, SCRATCH_PKT,
     },
     parse::*,
     policy::{decide, Decision, Query},
@@ -39,20 +41,26 @@ struct Cx<'a> {
 
 #[inline(always)]
 pub fn run(ctx: &TcContext, dir: u8) -> i32 {
-    stat(STAT_PACKETS);
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: the context pointer of a TC program is a valid __sk_buff.
     let (mark, ifindex) = unsafe { ((*skb).mark, (*skb).ifindex) };
     if mark == REJECT_MARK {
+        stat(STAT_PACKETS);
         return PASS;
     }
     // One read of the config: the whole packet is judged in one generation.
     let cfg = CONFIG.get(0).copied().unwrap_or_default();
     let gen = cfg.generation();
-    // SAFETY: endpoint entries are written only in the inactive generation.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&EndpointKey { gen, ifindex }) }).copied() else {
+    let Some(ep) = endpoint(&cfg, ifindex) else {
+        stat(STAT_PACKETS);
         return bootstrap(&cfg);
     };
+    // Counts itself in `STAT_CT_FAST` only (which readers add to packets and conntrack hits).
+    let rc = fast::established(ctx, dir, ifindex, &cfg, &ep);
+    if rc != fast::FULL_PATH {
+        return rc;
+    }
+    stat(STAT_PACKETS);
     let c = Cx {
         tc: ctx,
         dir,
@@ -69,6 +77,34 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
             DROP
         }
     }
+}
+
+/// The interface's endpoint in the active generation, through a per-CPU direct-mapped
+/// cache in front of `ENDPOINTS`: an entry tagged with the current epoch is exact, since the
+/// active generation's tables never change while its epoch lasts (the writer fills the
+/// inactive one, then bumps the epoch). Saves a hash lookup per packet.
+#[inline(always)]
+fn endpoint(cfg: &Config, ifindex: u32) -> Option<EndpointInfo> {
+    let cache = EP_CACHE.get_ptr_mut(ifindex % EP_CACHE_SLOTS);
+    if let Some(c) = cache {
+        // SAFETY: per-CPU value, used by this packet only.
+        let c = unsafe { &*c };
+        if c.valid != 0 && c.epoch == cfg.epoch && c.ifindex == ifindex {
+            return Some(c.info);
+        }
+    }
+    let gen = cfg.generation();
+    // SAFETY: endpoint entries are written only in the inactive generation.
+    let info = (unsafe { ENDPOINTS.get(&EndpointKey { gen, ifindex }) }).copied()?;
+    if let Some(c) = cache {
+        // SAFETY: per-CPU value, used by this packet only.
+        let c = unsafe { &mut *c };
+        c.valid = 1;
+        c.epoch = cfg.epoch;
+        c.ifindex = ifindex;
+        c.info = info;
+    }
+    Some(info)
 }
 
 #[inline(always)]
@@ -137,7 +173,11 @@ fn judge(c: &Cx) -> Result<i32, u32> {
         // SAFETY: a valid map value; concurrent updates of one flow's entry only race on
         // timestamps and state bits, as in every eBPF conntrack.
         let e = unsafe { &mut *e };
-        let reopen = pkt.proto == IPPROTO_TCP && e.state == CT_TCP_CLOSED && syn_only(pkt);
+        // A SYN on a closing or closed tuple opens a new connection (a client reusing its
+        // port, as `tcp_tw_reuse` does): judged by policy again, tracked from its handshake.
+        let reopen = pkt.proto == IPPROTO_TCP
+            && matches!(e.state, CT_TCP_FIN_WAIT | CT_TCP_CLOSING | CT_TCP_CLOSED)
+            && syn_only(pkt);
         if e.expires_ns > now && !reopen {
             return Ok(tracked(c, &eth, pkt, &key, e, src_is_a, now));
         }
@@ -195,12 +235,18 @@ fn tracked(
         let d = judge_flow(c, orig_dir, peer, key.proto, e.judged_port);
         let (action, rule) = effective(c, d.verdict);
         if action == ACTION_ALLOW || action == ACTION_MONITOR {
-            e.epoch = c.cfg.epoch;
-            e.rule = rule;
+            // The source check of an earlier epoch does not carry over (the VM's addresses
+            // may have changed). Flags and rule before the epoch: the fast path trusts an
+            // entry only once its epoch is the current one.
+            let mut flags = e.flags & !(CT_MONITOR | CT_SRC_CHECKED);
             if action == ACTION_MONITOR {
-                e.flags |= CT_MONITOR;
-            } else {
-                e.flags &= !CT_MONITOR;
+                flags |= CT_MONITOR;
+            }
+            // SAFETY: valid pointers into the map value; volatile keeps the store order.
+            unsafe {
+                core::ptr::write_volatile(&mut e.flags, flags);
+                core::ptr::write_volatile(&mut e.rule, rule);
+                core::ptr::write_volatile(&mut e.epoch, c.cfg.epoch);
             }
         } else {
             let _ = CONNTRACK.remove(key);
@@ -221,12 +267,21 @@ fn tracked(
         }
     }
     stat(STAT_CT_HIT);
+    if c.dir == DIR_EGRESS && e.flags & CT_SRC_CHECKED == 0 {
+        // This packet passed the source check: if its source is the VM's side of the
+        // entry, later ones may take the fast path.
+        let vm_is_a = (e.flags & CT_ORIG_EGRESS != 0) == orig_is_a;
+        if src_is_a == vm_is_a {
+            e.flags |= CT_SRC_CHECKED;
+        }
+    }
     if pkt.proto == IPPROTO_TCP {
         conntrack::tcp_advance(e, pkt.tcp_flags, is_orig);
         if e.state == CT_TCP_CLOSED {
             stat(STAT_CT_CLOSED);
         }
-    } else if !is_orig {
+    } else if !is_orig && e.state != CT_REPLIED {
+        // Written once: the entry's cache line is shared by both directions' CPUs.
         e.state = CT_REPLIED;
     }
     let expires = now + conntrack::timeout(pkt.proto, e.state, pkt.is_icmp());
@@ -272,7 +327,8 @@ fn new_flow(c: &Cx, eth: &EthHdr, pkt: &Pkt, key: &CtKey, src_is_a: bool, now: u
                 flags |= CT_ORIG_IS_A;
             }
             if c.dir == DIR_EGRESS {
-                flags |= CT_ORIG_EGRESS;
+                // The source check passed for this packet, whose source is the VM's side.
+                flags |= CT_ORIG_EGRESS | CT_SRC_CHECKED;
             }
             if action == ACTION_MONITOR {
                 flags |= CT_MONITOR;
@@ -597,18 +653,23 @@ fn event(c: &Cx, kind: u8, reason: u8, rule: u32, identity: u32, pkt: Option<&Pk
 /// shared with conntrack.
 #[inline(always)]
 fn count(c: &Cx, rule: u32, outcome: u8, now: u64) {
-    if let Some(r) = RULE_STATS.get_ptr_mut(rule_stats_index(c.gen, rule)) {
+    count_raw(c.gen, c.ep.slot, c.dir, c.len, rule, outcome, now);
+}
+
+#[inline(always)]
+pub fn count_raw(gen: u32, slot: u32, dir: u8, len: u32, rule: u32, outcome: u8, now: u64) {
+    if let Some(r) = RULE_STATS.get_ptr_mut(rule_stats_index(gen, rule)) {
         // SAFETY: per-CPU value.
         let r = unsafe { &mut *r };
         r.packets += 1;
-        r.bytes += u64::from(c.len);
+        r.bytes += u64::from(len);
         r.last_hit_ns = now;
     }
-    if let Some(s) = EP_STATS.get_ptr_mut(c.ep.slot) {
+    if let Some(s) = EP_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value.
         let s = unsafe { &mut *s };
-        let d = usize::from(c.dir & 1);
-        let len = u64::from(c.len);
+        let d = usize::from(dir & 1);
+        let len = u64::from(len);
         if outcome == ACTION_DENY || outcome == ACTION_REJECT {
             s.deny_packets[d] += 1;
             s.deny_bytes[d] += len;

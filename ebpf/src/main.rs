@@ -13,6 +13,7 @@
 mod conntrack;
 mod datapath;
 mod events;
+mod fast;
 mod maps;
 mod parse;
 mod policy;

@@ -39,6 +39,26 @@ pub static SCRATCH_PKT: PerCpuArray<crate::parse::Pkt> = PerCpuArray::with_max_e
 #[map]
 pub static SCRATCH_ICMP: PerCpuArray<crate::reject::IcmpScratch> =
     PerCpuArray::with_max_entries(1, 0);
+/// One slot of the per-CPU endpoint cache (see `datapath::endpoint`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EpCacheEntry {
+    pub valid: u32,
+    pub epoch: u32,
+    pub ifindex: u32,
+    pub info: EndpointInfo,
+}
+
+/// Slots of the endpoint cache (direct-mapped by ifindex).
+pub const EP_CACHE_SLOTS: u32 = 256;
+
+/// Per-CPU cache of `ENDPOINTS` for the current epoch. Not pinned: it holds no state.
+#[map]
+pub static EP_CACHE: PerCpuArray<EpCacheEntry> = PerCpuArray::with_max_entries(EP_CACHE_SLOTS, 0);
+
+/// Per-CPU working memory of the established fast path. Not pinned.
+#[map]
+pub static SCRATCH_FAST: PerCpuArray<crate::fast::Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
 
