@@ -16,8 +16,8 @@ use crate::{
     events::{emit, EventInfo},
     fast,
     maps::{
-        stat, CONFIG, CONNTRACK, ENDPOINTS, EP_ADDRS, EP_CACHE, EP_CACHE_SLOTS, EP_STATS, FRAGS,
-        RULE_STATS, SCRATCH_PKT,
+        stat, EpCacheEntry, CONFIG, CONNTRACK, CPU_STATE, ENDPOINTS, EP_ADDRS, EP_CACHE_SLOTS,
+        EP_STATS, FRAGS, RULE_STATS, SCRATCH_PKT,
     },
     parse::*,
     policy::{decide, Decision, Query},
@@ -85,7 +85,13 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
 /// inactive one, then bumps the epoch). Saves a hash lookup per packet.
 #[inline(always)]
 fn endpoint(cfg: &Config, ifindex: u32) -> Option<EndpointInfo> {
-    let cache = EP_CACHE.get_ptr_mut(ifindex % EP_CACHE_SLOTS);
+    // SAFETY: per-CPU value, used by this packet only.
+    let cache = CPU_STATE.get_ptr_mut(0).and_then(|st| unsafe {
+        (*st)
+            .ep
+            .get_mut((ifindex % EP_CACHE_SLOTS) as usize)
+            .map(|c| c as *mut EpCacheEntry)
+    });
     if let Some(c) = cache {
         // SAFETY: per-CPU value, used by this packet only.
         let c = unsafe { &*c };

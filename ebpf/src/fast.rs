@@ -28,7 +28,7 @@ use core::ffi::c_void;
 use crate::{
     conntrack,
     datapath::{count_raw, PASS},
-    maps::{stat, CONNTRACK, SCRATCH_FAST},
+    maps::{stat, CONNTRACK, CPU_STATE},
     parse::{IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -57,7 +57,8 @@ const V6_MORE_MIN: u32 = 14 + 40 + 8 - V4_LEN;
 #[repr(C, align(8))]
 pub struct KeyWords([u32; 11]);
 
-/// The fast path's working memory, in a per-CPU map (the stack is for the full path).
+/// The fast path's working memory, in the per-CPU `CPU_STATE` value (the stack is for the
+/// full path).
 #[repr(C)]
 pub struct Scratch {
     h: Headers,
@@ -129,9 +130,9 @@ fn try_established(
     cfg: &Config,
     ep: &EndpointInfo,
 ) -> Option<i32> {
-    let sc = SCRATCH_FAST.get_ptr_mut(0)?;
+    let st = CPU_STATE.get_ptr_mut(0)?;
     // SAFETY: per-CPU value, used by this packet only (TC programs do not nest on a CPU).
-    let sc = unsafe { &mut *sc };
+    let sc = unsafe { &mut (*st).fast };
     let h = &mut sc.h;
     // Copy what the packet has of the longest headers taken here (TCP through its flags),
     // at least a UDP header's worth; `have` bytes of the packet are in `h`.

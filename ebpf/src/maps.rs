@@ -52,13 +52,19 @@ pub struct EpCacheEntry {
 /// Slots of the endpoint cache (direct-mapped by ifindex).
 pub const EP_CACHE_SLOTS: u32 = 256;
 
-/// Per-CPU cache of `ENDPOINTS` for the current epoch. Not pinned: it holds no state.
-#[map]
-pub static EP_CACHE: PerCpuArray<EpCacheEntry> = PerCpuArray::with_max_entries(EP_CACHE_SLOTS, 0);
+/// The per-CPU working state of the established path in one value (one map, adjacent
+/// lines): the fast path's header copy and key next to the endpoint cache. Not pinned: it
+/// holds no state.
+#[repr(C)]
+pub struct CpuState {
+    pub fast: crate::fast::Scratch,
+    /// Cache of `ENDPOINTS` for the current epoch, direct-mapped by ifindex (see
+    /// `datapath::endpoint`).
+    pub ep: [EpCacheEntry; EP_CACHE_SLOTS as usize],
+}
 
-/// Per-CPU working memory of the established fast path. Not pinned.
 #[map]
-pub static SCRATCH_FAST: PerCpuArray<crate::fast::Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
 
