@@ -176,6 +176,16 @@ impl Datapath {
         Ok(())
     }
 
+    /// The loaded program of one hook.
+    fn hook_program(&self, hook: Hook) -> Result<&SchedClassifier, DatapathError> {
+        let name = hook.program_name();
+        self.ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
     /// What the kernel measured for one hook's program since it was loaded: total run time
     /// and number of runs, over every interface it is attached to. Counted only while run-time
     /// statistics are on (`kernel.bpf_stats_enabled`, or a `BPF_ENABLE_STATS` fd held):
@@ -183,13 +193,8 @@ impl Datapath {
     #[doc(hidden)]
     pub fn run_stats(&self, hook: Hook) -> Result<(Duration, u64), DatapathError> {
         let name = hook.program_name();
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(name)
-            .ok_or(DatapathError::MissingMap(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        let info = prog
+        let info = self
+            .hook_program(hook)?
             .info()
             .map_err(|source| DatapathError::Program { name, source })?;
         Ok((info.run_time(), info.run_count()))
@@ -253,12 +258,7 @@ impl Datapath {
         repeat: u32,
     ) -> Result<TestRunOutcome, DatapathError> {
         let name = hook.program_name();
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(name)
-            .ok_or(DatapathError::MissingMap(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        let prog = self.hook_program(hook)?;
         // struct __sk_buff up to `ifindex`: the fields BPF_PROG_TEST_RUN lets us set.
         let mut ctx = [0u8; 44];
         ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
