@@ -715,23 +715,32 @@ impl<T: Clone> PartMemo<T> {
         }
     }
 
-    fn get(&self, input: &SharedVec<T>) -> Option<([u8; 32], SharedVec<T>)> {
-        self.seen.get(&input.as_ptr()).cloned()
+    /// Has an input with this part's allocation been seen?
+    fn knows(&self, input: &SharedVec<T>) -> bool {
+        self.seen.contains_key(&input.as_ptr())
     }
 
-    /// Record `input`'s digest `d`; `part` is its canonical form, replaced by a held part
-    /// with the same digest if there is one. Returns what the output holds.
-    fn put(
+    /// The digest of `part`, the canonical form of `input`, and `part` set to what the
+    /// output holds: the replacement recorded for `input` if it was seen, else `part` or a
+    /// held part with the same digest (recorded for later inputs sharing `input`).
+    fn share(
         &mut self,
         input: SharedVec<T>,
-        d: [u8; 32],
-        part: SharedVec<T>,
+        part: &mut SharedVec<T>,
+        digest: fn(&[T]) -> [u8; 32],
         held: &HashMap<[u8; 32], SharedVec<T>>,
-    ) -> SharedVec<T> {
-        let part = held.get(&d).cloned().unwrap_or(part);
+    ) -> [u8; 32] {
+        if let Some((d, shared)) = self.seen.get(&input.as_ptr()) {
+            *part = shared.clone();
+            return *d;
+        }
+        let d = digest(part);
+        if let Some(h) = held.get(&d) {
+            *part = h.clone();
+        }
         self.seen.insert(input.as_ptr(), (d, part.clone()));
         self.inputs.push(input);
-        part
+        d
     }
 }
 
@@ -745,33 +754,15 @@ pub fn digests_of_many(tables: Vec<HostTables>, held: &HeldParts) -> Vec<(Canoni
     let mut rules = PartMemo::new();
     tables
         .into_iter()
-        .map(|mut t| {
+        .map(|t| {
             let (ipcache_in, rules_in) = (t.ipcache.clone(), t.rules.clone());
-            let known = ipcaches.get(&ipcache_in);
-            if let Some((_, shared)) = &known {
-                t.ipcache = shared.clone();
-            }
-            let mut t = Canonical::with_ipcache_known(t, known.is_some()).0;
-            let ipcache = match known {
-                Some((d, _)) => d,
-                None => {
-                    let d = ipcache_digest(&t.ipcache);
-                    t.ipcache = ipcaches.put(ipcache_in, d, t.ipcache.clone(), &held.ipcaches);
-                    d
-                }
-            };
-            let rules_d = match rules.get(&rules_in) {
-                Some((d, shared)) => {
-                    t.rules = shared;
-                    d
-                }
-                None => {
-                    let d = rules_digest(&t.rules);
-                    t.rules = rules.put(rules_in, d, t.rules.clone(), &held.rules);
-                    d
-                }
-            };
-            let digests = digests_with(&t, ipcache, rules_d);
+            // A seen ipcache is replaced by its canonical form below: not checked again.
+            let known = ipcaches.knows(&ipcache_in);
+            let mut t = Canonical::with_ipcache_known(t, known).0;
+            let ipcache =
+                ipcaches.share(ipcache_in, &mut t.ipcache, ipcache_digest, &held.ipcaches);
+            let rules = rules.share(rules_in, &mut t.rules, rules_digest, &held.rules);
+            let digests = digests_with(&t, ipcache, rules);
             (Canonical(t), digests)
         })
         .collect()
