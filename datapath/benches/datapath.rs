@@ -739,7 +739,9 @@ fn bench_real_path_cost(b: &mut NetnsBench, secs: f64, dur: Duration) {
     };
     let to = b.echo_addr();
     println!("### Program cost in the real path (kernel run-time statistics, same CPU)\n");
-    println!("| enforcement | workload | hook | runs | runs/s | ns per run | fast path |");
+    println!(
+        "| enforcement | workload | hook | runs | runs/s | ns per run | fast path (flow cache) |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for c in [
         Enforcement::EmptyProgram,
@@ -754,7 +756,8 @@ fn bench_real_path_cost(b: &mut NetnsBench, secs: f64, dur: Duration) {
         let installed = b.install(c);
         for workload in ["iperf3", "RR"] {
             let counters = |b: &NetnsBench| {
-                [STAT_CT_HIT, STAT_CT_FAST].map(|i| b.tables.maps().stat(i).expect("stat"))
+                [STAT_CT_HIT, STAT_CT_FAST, STAT_FLOW_CACHE]
+                    .map(|i| b.tables.maps().stat(i).expect("stat"))
             };
             let c0 = counters(b);
             let before = b.run_stats(hooks);
@@ -768,10 +771,9 @@ fn bench_real_path_cost(b: &mut NetnsBench, secs: f64, dur: Duration) {
             let after = b.run_stats(hooks);
             let c1 = counters(b);
             let fast = if hooks.len() > 1 {
-                format!(
-                    "{:.1} % of conntrack hits",
-                    100.0 * (c1[1] - c0[1]) as f64 / (c1[0] - c0[0]).max(1) as f64
-                )
+                let share =
+                    |i: usize| 100.0 * (c1[i] - c0[i]) as f64 / (c1[0] - c0[0]).max(1) as f64;
+                format!("{:.1} % ({:.1} %) of conntrack hits", share(1), share(2))
             } else {
                 "–".into()
             };

@@ -53,14 +53,18 @@ pub struct EpCacheEntry {
 pub const EP_CACHE_SLOTS: u32 = 256;
 
 /// The per-CPU working state of the established path in one value (one map, adjacent
-/// lines): the fast path's header copy and key next to the endpoint cache. Not pinned: it
-/// holds no state.
+/// lines): the fast path's header copy and key next to the endpoint cache and the flow
+/// cache. Not pinned: it holds no state of its own (both caches are tagged with the epoch
+/// and rebuilt from the pinned tables on a miss).
 #[repr(C)]
 pub struct CpuState {
     pub fast: crate::fast::Scratch,
     /// Cache of `ENDPOINTS` for the current epoch, direct-mapped by ifindex (see
     /// `datapath::endpoint`).
     pub ep: [EpCacheEntry; EP_CACHE_SLOTS as usize],
+    /// Established IPv4 flows (see `flowcache.rs`).
+    pub flows:
+        [[crate::flowcache::FlowSlot; crate::flowcache::FLOW_WAYS]; crate::flowcache::FLOW_SETS],
 }
 
 #[map]
