@@ -120,12 +120,12 @@ pub const CT_TIMEOUT_OTHER: u64 = 60 * SEC;
 pub const FRAG_TIMEOUT: u64 = 30 * SEC;
 /// A tracked packet moves its entry's expiry only when that gains more than this: the
 /// entry's cache line is not written by every packet, from every CPU. Timeouts stay exact to
-/// within one second (the shortest is 10 s).
+/// within one second (the shortest is 10 s); an IPv4 flow in the datapath's flow cache to
+/// within `FLOW_CACHE_TTL` and a tenth of this.
 pub const CT_REFRESH_SLACK: u64 = SEC;
 /// The longest a slot of the datapath's per-CPU flow cache stands for its conntrack entry
 /// before the entry is looked at again (never past the entry's expiry): the bound on how
-/// long a cached flow outlives an entry evicted from a full table, or sees a closing
-/// state late (under which the flow passes too, with a shorter timeout).
+/// long a cached flow outlives an entry evicted from a full table.
 pub const FLOW_CACHE_TTL: u64 = CT_REFRESH_SLACK;
 /// The longest a kernel tick (jiffy) lasts, at the lowest tick rate Linux offers (HZ=100).
 /// The flow cache counts its lifetime in jiffies (a clock read without a helper call), and

@@ -2400,7 +2400,9 @@ fn flow_cache_passes_only_what_the_fast_path_would() {
     assert_eq!(e.t.rule_counters().unwrap()["r11"].packets - rc0, 8);
 
     // Checks that depend on the packet: a foreign source MAC and the reversed tuple from
-    // the VM are spoofs; a FIN goes to the full path and moves the entry on.
+    // the VM are spoofs; a FIN goes to the full path, moves the entry on, and ends the
+    // flow's slots on every CPU (it bumps the flow's generation): the closing flow's next
+    // segment is the full path's again.
     let reversed = v4(VM_MAC, PEER_MAC, world, VM4, 6, tcp(443, sp, 1, 2, ACK));
     let mut foreign_mac = out(ACK);
     foreign_mac[6..12].copy_from_slice(&PEER_MAC);
@@ -2411,11 +2413,42 @@ fn flow_cache_passes_only_what_the_fast_path_would() {
     });
     assert_eq!((spoof, cached), (2, 0));
     assert_eq!(e.ct(&k).unwrap().state, CT_TCP_FIN_WAIT);
-    // The closing entry still passes the flow's segments (the full path does too).
-    let [cached] = e.delta([STAT_FLOW_CACHE], || {
+    let [cached, fast, hit] = e.delta([STAT_FLOW_CACHE, STAT_CT_FAST, STAT_CT_HIT], || {
         assert_eq!(e.vm_receives(&inn(ACK)), PASS);
     });
-    assert_eq!(cached, 1);
+    assert_eq!((cached, fast, hit), (0, 0, 1));
+
+    // The client reuses the tuple at once (`tcp_tw_reuse`): every packet of the new
+    // handshake is the full path's, so the new entry reaches ESTABLISHED, and is cached.
+    assert_eq!(e.vm_receives(&inn(FIN | ACK)), PASS);
+    assert_eq!(e.ct(&k).unwrap().state, CT_TCP_CLOSING);
+    let [cached] = e.delta([STAT_FLOW_CACHE], || {
+        assert_eq!(e.vm_sends(&out(SYN)), PASS);
+        assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
+        assert_eq!(e.vm_sends(&out(ACK)), PASS);
+    });
+    assert_eq!(cached, 0);
+    assert_eq!(e.ct(&k).unwrap().state, CT_TCP_ESTABLISHED);
+    let [cached] = e.delta([STAT_FLOW_CACHE], || {
+        for _ in 0..3 {
+            assert_eq!(e.vm_sends(&out(ACK | PSH)), PASS);
+        }
+    });
+    assert_eq!(cached, 2);
+
+    // UDP: cached both ways once the reply state is recorded.
+    let usp = port();
+    let q = out4(world, 17, udp(usp, 53, b"q"));
+    let a = in4(world, 17, udp(53, usp, b"a"));
+    assert_eq!(e.vm_sends(&q), PASS);
+    assert_eq!(e.vm_receives(&a), PASS);
+    let [cached, fast] = e.delta([STAT_FLOW_CACHE, STAT_CT_FAST], || {
+        for _ in 0..3 {
+            assert_eq!(e.vm_sends(&q), PASS);
+            assert_eq!(e.vm_receives(&a), PASS);
+        }
+    });
+    assert_eq!((cached, fast), (4, 6));
 
     // A new epoch: no slot of the old one is used.
     e.apply(&base_tables(0));
@@ -2424,27 +2457,37 @@ fn flow_cache_passes_only_what_the_fast_path_would() {
     });
     assert_eq!((cached, rejudged), (0, 1));
 
-    // An entry gone from conntrack (as LRU eviction does): the slot stands for it at most
-    // FLOW_CACHE_TTL, then the full path judges the segment as a new flow (an inbound ACK
-    // to a port nothing allows: dropped).
-    let sp = port();
-    let out = |flags| out4(world, 6, tcp(sp, 443, 1, 1, flags));
-    let inn = |flags| in4(world, 6, tcp(443, sp, 1, 2, flags));
-    let k = ct_key(v4_mapped(VM4), sp, v4_mapped(world), 443, 6);
-    assert_eq!(e.vm_sends(&out(SYN)), PASS);
-    assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
-    assert_eq!(e.vm_sends(&out(ACK)), PASS);
-    assert_eq!(e.vm_receives(&inn(ACK)), PASS);
-    e.t.maps_mut().conntrack.remove(&k).unwrap();
-    let [cached] = e.delta([STAT_FLOW_CACHE], || {
+    // An entry gone from conntrack without the datapath knowing (LRU eviction, here removed
+    // from userspace): the slot stands for it at most FLOW_CACHE_TTL, then the full path
+    // judges the segment as a new flow (an inbound ACK to a port nothing allows: dropped).
+    // A slot lives 100 ms at HZ=1000: on a machine too busy to send the next packet within
+    // that, the attempt is repeated.
+    let mut outlived = None;
+    for _ in 0..5 {
+        let sp = port();
+        let out = |flags| out4(world, 6, tcp(sp, 443, 1, 1, flags));
+        let inn = |flags| in4(world, 6, tcp(443, sp, 1, 2, flags));
+        let k = ct_key(v4_mapped(VM4), sp, v4_mapped(world), 443, 6);
+        assert_eq!(e.vm_sends(&out(SYN)), PASS);
+        assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
+        assert_eq!(e.vm_sends(&out(ACK)), PASS);
         assert_eq!(e.vm_receives(&inn(ACK)), PASS);
-    });
-    assert_eq!(cached, 1, "the slot outlives the entry");
+        e.t.maps_mut().conntrack.remove(&k).unwrap();
+        let mut rc = 0;
+        let [cached] = e.delta([STAT_FLOW_CACHE], || rc = e.vm_receives(&inn(ACK)));
+        if cached == 1 {
+            assert_eq!(rc, PASS);
+            outlived = Some(inn(ACK));
+            break;
+        }
+        assert_eq!(rc, TC_ACT_SHOT, "without its entry, from the full path");
+    }
+    let inn = outlived.expect("a slot outlives its entry (within its lifetime)");
     std::thread::sleep(std::time::Duration::from_nanos(
         FLOW_CACHE_TTL + 100_000_000,
     ));
     let [cached] = e.delta([STAT_FLOW_CACHE], || {
-        assert_eq!(e.vm_receives(&inn(ACK)), TC_ACT_SHOT);
+        assert_eq!(e.vm_receives(&inn), TC_ACT_SHOT);
     });
     assert_eq!(cached, 0);
 

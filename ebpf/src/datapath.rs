@@ -295,7 +295,12 @@ fn tracked(
         }
     }
     if pkt.proto == IPPROTO_TCP {
+        let state = e.state;
         conntrack::tcp_advance(e, pkt.tcp_flags, is_orig);
+        if e.state != state {
+            // Cached slots stand for an ESTABLISHED entry only.
+            flowcache::invalidate(pkt);
+        }
         if e.state == CT_TCP_CLOSED {
             stat(STAT_CT_CLOSED);
         }
@@ -373,6 +378,9 @@ fn new_flow(c: &Cx, eth: &EthHdr, pkt: &Pkt, key: &CtKey, src_is_a: bool, now: u
             } else {
                 stat(STAT_CT_INSERT_FAILED);
             }
+            // A new entry (a tuple reused, or one evicted before): no cached slot of the
+            // tuple's earlier entry may pass this flow's packets.
+            flowcache::invalidate(pkt);
         }
         if pkt.frag == FRAG_FIRST {
             remember_fragments(c, pkt, now);
@@ -677,12 +685,15 @@ fn count(c: &Cx, rule: u32, outcome: u8, now: u64) {
 
 #[inline(always)]
 pub fn count_raw(gen: u32, slot: u32, dir: u8, len: u32, rule: u32, outcome: u8, now: u64) {
+    // Stamps only move forward: a flow-cache hit stamps the time its slot was filled.
     if let Some(r) = RULE_STATS.get_ptr_mut(rule_stats_index(gen, rule)) {
         // SAFETY: per-CPU value.
         let r = unsafe { &mut *r };
         r.packets += 1;
         r.bytes += u64::from(len);
-        r.last_hit_ns = now;
+        if now > r.last_hit_ns {
+            r.last_hit_ns = now;
+        }
     }
     if let Some(s) = EP_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value.
@@ -699,6 +710,8 @@ pub fn count_raw(gen: u32, slot: u32, dir: u8, len: u32, rule: u32, outcome: u8,
                 s.monitor_packets[d] += 1;
             }
         }
-        s.last_hit_ns = now;
+        if now > s.last_hit_ns {
+            s.last_hit_ns = now;
+        }
     }
 }

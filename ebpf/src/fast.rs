@@ -1,8 +1,8 @@
 //! The established fast path: a packet of a tracked TCP or UDP flow whose entry was judged
 //! under the current policy epoch passes after one conntrack lookup, on its headers copied
-//! once — no parser subprogram, no parsed-packet scratch, no address lookup. An IPv4 flow it
-//! passes goes into the per-CPU flow cache (`flowcache.rs`), which takes the flow's next
-//! packets on this CPU without the conntrack lookup. Everything else (and anything this path is unsure of) returns `None` and takes
+//! once — no parser subprogram, no parsed-packet scratch, no address lookup. An IPv4 flow
+//! it passes goes into the per-CPU flow cache (`flowcache.rs`), which takes the flow's
+//! next packets on this CPU without the conntrack lookup. Everything else (and anything this path is unsure of) returns `None` and takes
 //! the full path in `datapath.rs`, which judges the packet from the start: the fast path has
 //! no effect but on packets it passes, and on those it does exactly what the full path would
 //! (the same counters, the same conntrack updates).
@@ -248,6 +248,11 @@ fn try_established(
     // SAFETY: `KeyWords` has `CtKey`'s size and layout on this little-endian target, and
     // every bit pattern is a valid `CtKey`.
     let key = unsafe { &*(k as *const KeyWords as *const CtKey) };
+    // The flow's generation before its entry (see `flowcache::current_gen`).
+    let gen = match v4 {
+        Some((saddr, daddr)) => flowcache::current_gen(saddr, daddr, ports),
+        None => 0,
+    };
     let e = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a valid map value; concurrent updates race only as in the full path.
     let e = unsafe { &mut *e };
@@ -279,8 +284,18 @@ fn try_established(
     }
     let expires = now + conntrack::timeout(proto, state, false);
     // As in the full path: a shorter timeout always applies, a longer one past the slack.
-    if expires < e.expires_ns || expires - e.expires_ns > CT_REFRESH_SLACK {
+    // An IPv4 flow is cached next, and comes back here only a cache lifetime later: its
+    // slack is a tenth, so that its expiry stays within the cache lifetime and the slack of
+    // exact, as the full path keeps others within the slack.
+    let slack = if v4.is_some() {
+        CT_REFRESH_SLACK / 10
+    } else {
+        CT_REFRESH_SLACK
+    };
+    let mut expiry = e.expires_ns;
+    if expires < expiry || expires - expiry > slack {
         e.expires_ns = expires;
+        expiry = expires;
     }
     // The only datapath counter of this path: readers add it to `packets` and `ct_hit`.
     stat(STAT_CT_FAST);
@@ -300,7 +315,7 @@ fn try_established(
     );
     if let Some((saddr, daddr)) = v4 {
         flowcache::fill(FlowSlot {
-            valid_until: flowcache::jiffies() + flowcache::lifetime(now, e.expires_ns),
+            valid_until: flowcache::jiffies() + flowcache::lifetime(now, expiry),
             stamp_ns: now,
             ifindex,
             epoch: cfg.epoch,
@@ -313,8 +328,9 @@ fn try_established(
             mac_hi,
             proto,
             dir,
+            gen,
             outcome,
-            _pad: [0; 3],
+            _pad: 0,
         });
     }
     Some(PASS)

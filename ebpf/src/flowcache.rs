@@ -3,33 +3,41 @@
 //! lookup). A packet that hits it passes with the counters the fast path writes; anything
 //! else goes on to the fast path (`fast.rs`), which fills the cache when it passes a packet.
 //!
-//! Why a hit passes exactly what the fast path would, without looking at conntrack:
+//! Why a hit passes what the fast path would, without looking at conntrack:
 //! - a slot is filled by the fast path for one packet-direction tuple (interface, direction,
 //!   source, destination, ports, protocol) after every check of that path passed, and it
-//!   carries the policy epoch: a policy swap (new epoch) empties the cache in effect, and
-//!   the tables of an epoch never change;
+//!   carries the policy epoch: a policy swap (new epoch) ends every slot, and the tables of
+//!   an epoch never change;
 //! - the hit path repeats every check that depends on the packet (Ethernet type, no IP
 //!   options, no fragment, TCP without SYN/FIN/RST, no DHCP port, the VM's source MAC);
-//! - what the slot cannot see is a later change of the conntrack entry by a packet on
-//!   another CPU: a FIN or RST moves a TCP entry to a closing state, under which the full
-//!   path still passes the flow's segments, only with a shorter timeout (10 s at least).
-//!   A slot lives at most `FLOW_CACHE_TTL` (1 s, the slack of the expiry refresh) and never
-//!   past the entry's own expiry, so a hit is always a packet the full path would pass;
-//!   after that the fast path looks at the entry again (refreshing its expiry as before).
-//!   The lifetime is counted in jiffies, each taken as the longest one (`MAX_JIFFY_NS`), so
-//!   it is shorter at a higher tick rate: reading `jiffies` costs a load, not a helper call;
-//! - conntrack entries are removed only by the datapath itself on a policy re-judge (a new
-//!   epoch) or by LRU eviction when the table is full; after an eviction a cached flow
-//!   keeps passing for at most `FLOW_CACHE_TTL`, as it was admitted under this same policy.
+//! - the entry behind a slot changes only through the full path (the fast path passes
+//!   packets that change nothing), and the full path bumps the flow's generation
+//!   (`FLOW_GEN`, per hash of addresses and ports, both directions alike) whenever it creates
+//!   an entry (a reused or re-created tuple) or moves a TCP entry to another state (FIN, RST,
+//!   the handshake): a slot carries the generation read before the entry it was filled
+//!   from, so it stops matching on every CPU at once;
+//! - a slot lives at most `FLOW_CACHE_TTL` (1 s) and never past the entry's expiry; then the
+//!   fast path looks at the entry again and refreshes its expiry (within a tenth of the
+//!   refresh slack, so expiries stay within the lifetime and the slack of exact). The
+//!   lifetime is counted in jiffies, each taken as the longest one (`MAX_JIFFY_NS`, HZ=100),
+//!   so it is shorter at a higher tick rate: reading `jiffies` costs a load, not a helper;
+//! - what a slot cannot see is an entry removed behind the datapath's back: LRU eviction
+//!   from a full table. A cached flow then keeps passing for at most its slot's lifetime;
+//!   then the full path judges its packets as new flows. (A hot flow is also looked up in
+//!   the table only once a lifetime per CPU and direction, so under eviction pressure it
+//!   looks colder to the LRU than it is.)
 //!
-//! IPv6 flows take the fast path (their slot would not fit a cache line).
+//! Assumes a CPU with efficient unaligned loads (x86-64, arm64: the verifier allows them on
+//! packet data there) and HZ >= 100. IPv6 flows take the fast path (their tuple would not
+//! fit the slot's cache line).
+
 use aya_ebpf::{helpers::bpf_jiffies64, programs::TcContext};
 use bulkhead_abi::*;
 
 use crate::{
     datapath::{count_raw, PASS},
-    maps::{stat, CPU_STATE},
-    parse::{IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{stat, CPU_STATE, FLOW_GEN},
+    parse::{Pkt, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// Sets per CPU (chosen by a hash of the tuple), of [`FLOW_WAYS`] slots each: two flows
@@ -61,10 +69,18 @@ pub struct FlowSlot {
     pub mac_hi: u16,
     pub proto: u8,
     pub dir: u8,
+    /// `FLOW_GEN` of the flow when the fast path looked its entry up.
+    pub gen: u32,
     /// `ACTION_ALLOW` or `ACTION_MONITOR`: what the counters record.
     pub outcome: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
 }
+
+// One cache line per slot (where the per-CPU value's placement lets it be).
+const _: () = assert!(core::mem::size_of::<FlowSlot>() == 64);
+
+/// Entries of `FLOW_GEN`.
+pub const FLOW_GENS: u32 = 4096;
 
 /// Ethernet + IPv4 without options + a UDP header: the shortest frame a hit can be.
 const V4_MIN: usize = 14 + 20 + 8;
@@ -124,6 +140,42 @@ fn set_index(ifindex: u32, saddr: u32, daddr: u32, ports: u32) -> usize {
     // Multiplicative hashing of a fold of the tuple: cheap, and a slot is checked in full.
     let x = saddr ^ daddr.rotate_left(16) ^ ports ^ ifindex.rotate_left(8);
     (x.wrapping_mul(0x9e37_79b1) >> 25) as usize % FLOW_SETS
+}
+
+/// The `FLOW_GEN` entry of a flow: the same for both directions (and every interface).
+#[inline(always)]
+fn gen_index(saddr: u32, daddr: u32, ports: u32) -> u32 {
+    let x = saddr ^ daddr ^ (ports & 0xffff) ^ (ports >> 16);
+    (x.wrapping_mul(0x9e37_79b1) >> 20) % FLOW_GENS
+}
+
+/// The flow's generation now. The fast path reads it before its conntrack lookup, the full
+/// path bumps it after changing the entry: a slot filled from an entry older than a bump
+/// carries an older generation.
+#[inline(always)]
+pub fn current_gen(saddr: u32, daddr: u32, ports: u32) -> u32 {
+    match FLOW_GEN.get_ptr(gen_index(saddr, daddr, ports)) {
+        // SAFETY: a valid map value; a volatile read keeps it before the lookup that follows.
+        Some(g) => unsafe { core::ptr::read_volatile(g) },
+        None => 0,
+    }
+}
+
+/// End every slot of the flow of `p` on every CPU (the full path created its conntrack
+/// entry or changed its TCP state). Only TCP and UDP over IPv4 are cached.
+#[inline(always)]
+pub fn invalidate(p: &Pkt) {
+    if p.family != 4 || (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP) {
+        return;
+    }
+    let word = |a: &[u8; 16]| u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+    // The ports word as the hit path reads it: network byte order, source first.
+    let ports = u32::from(p.sport.to_be()) | u32::from(p.dport.to_be()) << 16;
+    if let Some(g) = FLOW_GEN.get_ptr_mut(gen_index(word(&p.src), word(&p.dst), ports)) {
+        // SAFETY: a valid map value. Concurrent bumps may lose one another's increment; the
+        // value still differs from every generation read before them.
+        unsafe { core::ptr::write_volatile(g, core::ptr::read_volatile(g).wrapping_add(1)) };
+    }
 }
 
 /// Whether two slots are for the same packet-direction tuple.
@@ -199,6 +251,9 @@ pub fn hit(ctx: &TcContext, dir: u8, ifindex: u32, cfg: &Config) -> Option<i32> 
     } else {
         return None;
     };
+    if current_gen(saddr, daddr, ports) != s.gen {
+        return None;
+    }
     if dir == DIR_EGRESS
         && (unsafe { pkt::word(data + 6) } != s.mac_lo
             || unsafe { pkt::half(data + 10) } != s.mac_hi)
@@ -223,12 +278,12 @@ pub fn hit(ctx: &TcContext, dir: u8, ifindex: u32, cfg: &Config) -> Option<i32> 
     Some(PASS)
 }
 
-/// How many jiffies a slot filled at `now` may live for an entry expiring at `expires`
-/// (`expires > now`): `FLOW_CACHE_TTL`, and never past the entry's expiry, counting every
-/// jiffy as the longest one there is.
+/// How many jiffies a slot filled at `now` may live for an entry expiring at `expires`:
+/// `FLOW_CACHE_TTL`, and never past the entry's expiry, counting every jiffy as the longest
+/// one there is.
 #[inline(always)]
 pub fn lifetime(now: u64, expires: u64) -> u64 {
-    FLOW_CACHE_TTL.min(expires - now) / MAX_JIFFY_NS
+    FLOW_CACHE_TTL.min(expires.saturating_sub(now)) / MAX_JIFFY_NS
 }
 
 /// The jiffies clock (an inlined load, see [`hit`]).

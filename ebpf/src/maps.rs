@@ -69,6 +69,16 @@ pub struct CpuState {
 
 #[map]
 pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
+
+// A per-CPU map value is at most 32 KiB (the per-CPU allocator's unit).
+const _: () = assert!(core::mem::size_of::<CpuState>() <= 32 * 1024);
+
+/// Flow generations: a counter per hash of a flow's addresses and ports, bumped by the full
+/// path whenever it creates a conntrack entry or moves a TCP entry to another state, so that
+/// flow-cache slots of that flow on every CPU stop standing for it (see `flowcache.rs`). Not
+/// pinned: it belongs to the caches of this program instance.
+#[map]
+pub static FLOW_GEN: Array<u32> = Array::with_max_entries(crate::flowcache::FLOW_GENS, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
 
