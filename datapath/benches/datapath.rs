@@ -15,7 +15,8 @@
 //!    offered paced at 100k/s and unpaced, every event delivered or counted as suppressed.
 //!
 //! Every figure is a median over interleaved rounds, reported next to a baseline measured in
-//! the same run. `BENCH_QUICK=1` shortens everything (for a smoke run). `-- hold` (with
+//! the same run. `BENCH_QUICK=1` shortens everything (for a smoke run); `BENCH_ROUNDS=n`
+//! runs the namespace part in n rounds instead of 9. `-- hold` (with
 //! `BENCH_HOLD=none|empty|10|100000|iptables`) sets one condition up and keeps it, for
 //! `perf` or `ethtool` by hand.
 use std::collections::HashMap;
@@ -657,10 +658,15 @@ fn bench_namespaces() {
         Enforcement::Iptables(10),
         Enforcement::Iptables(10_000),
     ];
+    // `BENCH_ROUNDS=n`: more rounds for a noisy machine (best-of and paired medians tighten).
+    let rounds_wanted = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0);
     let (rounds, secs, dur) = if quick() {
         (1, 1.0, Duration::from_millis(500))
     } else {
-        (9, 2.0, Duration::from_secs(1))
+        (rounds_wanted.unwrap_or(9), 2.0, Duration::from_secs(1))
     };
     let load_before = load_average();
     let to = b.echo_addr();
