@@ -120,8 +120,18 @@ pub const CT_TIMEOUT_OTHER: u64 = 60 * SEC;
 pub const FRAG_TIMEOUT: u64 = 30 * SEC;
 /// A tracked packet moves its entry's expiry only when that gains more than this: the
 /// entry's cache line is not written by every packet, from every CPU. Timeouts stay exact to
-/// within one second (the shortest is 10 s).
+/// within one second (the shortest is 10 s); an IPv4 flow in the datapath's flow cache to
+/// within `FLOW_CACHE_TTL` and a tenth of this.
 pub const CT_REFRESH_SLACK: u64 = SEC;
+/// The longest a slot of the datapath's per-CPU flow cache stands for its conntrack entry
+/// before the entry is looked at again (never past the entry's expiry): the bound on how
+/// long a cached flow outlives an entry evicted from a full table.
+pub const FLOW_CACHE_TTL: u64 = CT_REFRESH_SLACK;
+/// The longest a kernel tick (jiffy) lasts, at the lowest tick rate Linux offers (HZ=100).
+/// The flow cache counts its lifetime in jiffies (a clock read without a helper call), and
+/// with this bound a lifetime never exceeds `FLOW_CACHE_TTL` whatever the kernel's HZ (it
+/// is shorter at higher rates: 100 ms at HZ=1000).
+pub const MAX_JIFFY_NS: u64 = 10_000_000;
 
 // ---- Events ----------------------------------------------------------------------------
 pub const EVENT_DENY: u8 = 1;
@@ -178,10 +188,14 @@ pub const STAT_CT_EXPIRED: u32 = 26;
 /// them here only, not in `STAT_PACKETS` and `STAT_CT_HIT` (one per-CPU write per packet
 /// instead of three): readers add this counter to those two (`Maps::stat` does).
 pub const STAT_CT_FAST: u32 = 27;
+/// Packets of established IPv4 flows passed by the per-CPU flow cache in front of the fast
+/// path. Counted here only: readers add it to `STAT_CT_FAST` (the established path as a
+/// whole), `STAT_PACKETS` and `STAT_CT_HIT` (`Maps::stat` does).
+pub const STAT_FLOW_CACHE: u32 = 28;
 pub const STAT_COUNT: u32 = 32;
 
 /// Names of the datapath counters, in index order, for metrics and the CLI.
-pub const STAT_NAMES: [&str; 28] = [
+pub const STAT_NAMES: [&str; 29] = [
     "packets",
     "ct_hit",
     "ct_created",
@@ -210,4 +224,5 @@ pub const STAT_NAMES: [&str; 28] = [
     "frag_pass",
     "ct_expired",
     "ct_fast",
+    "flow_cache",
 ];

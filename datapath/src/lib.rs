@@ -333,14 +333,18 @@ pub struct Maps {
 }
 
 impl Maps {
-    /// Sum of one datapath counter over all CPUs. `STAT_PACKETS` and `STAT_CT_HIT` include
-    /// the packets of the fast path (`STAT_CT_FAST`), which counts them there only.
+    /// Sum of one datapath counter over all CPUs. The established path counts its packets
+    /// in one counter only: `STAT_CT_FAST` includes the flow cache's (`STAT_FLOW_CACHE`), and
+    /// `STAT_PACKETS` and `STAT_CT_HIT` include both.
     pub fn stat(&self, index: u32) -> Result<u64, DatapathError> {
         let raw = self.raw_stat(index)?;
-        if index == STAT_PACKETS || index == STAT_CT_HIT {
-            return Ok(raw + self.raw_stat(STAT_CT_FAST)?);
+        match index {
+            STAT_PACKETS | STAT_CT_HIT => {
+                Ok(raw + self.raw_stat(STAT_CT_FAST)? + self.raw_stat(STAT_FLOW_CACHE)?)
+            }
+            STAT_CT_FAST => Ok(raw + self.raw_stat(STAT_FLOW_CACHE)?),
+            _ => Ok(raw),
         }
-        Ok(raw)
     }
 
     fn raw_stat(&self, index: u32) -> Result<u64, DatapathError> {

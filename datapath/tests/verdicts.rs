@@ -2355,3 +2355,155 @@ fn established_fast_path_counts_and_keeps_every_check() {
     });
     assert_eq!(fast, 2);
 }
+
+/// The per-CPU flow cache in front of the fast path (`ebpf/src/flowcache.rs`): after the
+/// fast path passed a packet of an established IPv4 flow, the flow's next packets in that
+/// direction on that CPU pass from the cache, counted as the fast path counts them; every
+/// check that depends on the packet still runs (SYN/FIN/RST, source MAC, reversed tuple), a
+/// new epoch ends every slot, IPv6 never uses it, and a slot outlives its conntrack entry
+/// by at most `FLOW_CACHE_TTL`.
+#[test]
+fn flow_cache_passes_only_what_the_fast_path_would() {
+    let Some(mut e) = env("flow-cache") else {
+        return;
+    };
+    // The cache is per CPU, and BPF_PROG_TEST_RUN runs on the caller's.
+    pin_to_current_cpu();
+    let world = [203, 0, 113, 81];
+    let sp = port();
+    let out = |flags| out4(world, 6, tcp(sp, 443, 1, 1, flags));
+    let inn = |flags| in4(world, 6, tcp(443, sp, 1, 2, flags));
+    let k = ct_key(v4_mapped(VM4), sp, v4_mapped(world), 443, 6);
+    assert_eq!(e.vm_sends(&out(SYN)), PASS);
+    assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
+    assert_eq!(e.vm_sends(&out(ACK)), PASS);
+
+    // The first established packet each way is the fast path's (it fills a slot), the
+    // rest are the cache's, with the same counters.
+    let st0 = e.t.endpoint_stats(e.slot).unwrap();
+    let rc0 = e.t.rule_counters().unwrap()["r11"].packets;
+    let [cached, fast, hit, packets] = e.delta(
+        [STAT_FLOW_CACHE, STAT_CT_FAST, STAT_CT_HIT, STAT_PACKETS],
+        || {
+            for _ in 0..4 {
+                assert_eq!(e.vm_sends(&out(ACK | PSH)), PASS);
+                assert_eq!(e.vm_receives(&inn(ACK)), PASS);
+            }
+        },
+    );
+    assert_eq!((cached, fast, hit, packets), (6, 8, 8, 8));
+    let st = e.t.endpoint_stats(e.slot).unwrap();
+    assert_eq!(st.allow_packets[0] - st0.allow_packets[0], 4);
+    assert_eq!(st.allow_packets[1] - st0.allow_packets[1], 4);
+    let seg = out(ACK | PSH).len() as u64;
+    assert_eq!(st.allow_bytes[0] - st0.allow_bytes[0], 4 * seg);
+    assert_eq!(e.t.rule_counters().unwrap()["r11"].packets - rc0, 8);
+
+    // Checks that depend on the packet: a foreign source MAC and the reversed tuple from
+    // the VM are spoofs; a FIN goes to the full path, moves the entry on, and ends the
+    // flow's slots on every CPU (it bumps the flow's generation): the closing flow's next
+    // segment is the full path's again.
+    let reversed = v4(VM_MAC, PEER_MAC, world, VM4, 6, tcp(443, sp, 1, 2, ACK));
+    let mut foreign_mac = out(ACK);
+    foreign_mac[6..12].copy_from_slice(&PEER_MAC);
+    let [spoof, cached] = e.delta([STAT_DROP_SPOOF, STAT_FLOW_CACHE], || {
+        assert_eq!(e.vm_sends(&foreign_mac), TC_ACT_SHOT);
+        assert_eq!(e.vm_sends(&reversed), TC_ACT_SHOT);
+        assert_eq!(e.vm_sends(&out(FIN | ACK)), PASS);
+    });
+    assert_eq!((spoof, cached), (2, 0));
+    assert_eq!(e.ct(&k).unwrap().state, CT_TCP_FIN_WAIT);
+    let [cached, fast, hit] = e.delta([STAT_FLOW_CACHE, STAT_CT_FAST, STAT_CT_HIT], || {
+        assert_eq!(e.vm_receives(&inn(ACK)), PASS);
+    });
+    assert_eq!((cached, fast, hit), (0, 0, 1));
+
+    // The client reuses the tuple at once (`tcp_tw_reuse`): every packet of the new
+    // handshake is the full path's, so the new entry reaches ESTABLISHED, and is cached.
+    assert_eq!(e.vm_receives(&inn(FIN | ACK)), PASS);
+    assert_eq!(e.ct(&k).unwrap().state, CT_TCP_CLOSING);
+    let [cached] = e.delta([STAT_FLOW_CACHE], || {
+        assert_eq!(e.vm_sends(&out(SYN)), PASS);
+        assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
+        assert_eq!(e.vm_sends(&out(ACK)), PASS);
+    });
+    assert_eq!(cached, 0);
+    assert_eq!(e.ct(&k).unwrap().state, CT_TCP_ESTABLISHED);
+    let [cached] = e.delta([STAT_FLOW_CACHE], || {
+        for _ in 0..3 {
+            assert_eq!(e.vm_sends(&out(ACK | PSH)), PASS);
+        }
+    });
+    assert_eq!(cached, 2);
+
+    // UDP: cached both ways once the reply state is recorded.
+    let usp = port();
+    let q = out4(world, 17, udp(usp, 53, b"q"));
+    let a = in4(world, 17, udp(53, usp, b"a"));
+    assert_eq!(e.vm_sends(&q), PASS);
+    assert_eq!(e.vm_receives(&a), PASS);
+    let [cached, fast] = e.delta([STAT_FLOW_CACHE, STAT_CT_FAST], || {
+        for _ in 0..3 {
+            assert_eq!(e.vm_sends(&q), PASS);
+            assert_eq!(e.vm_receives(&a), PASS);
+        }
+    });
+    assert_eq!((cached, fast), (4, 6));
+
+    // A new epoch: no slot of the old one is used.
+    e.apply(&base_tables(0));
+    let [cached, rejudged] = e.delta([STAT_FLOW_CACHE, STAT_CT_REJUDGED], || {
+        assert_eq!(e.vm_receives(&inn(ACK)), PASS);
+    });
+    assert_eq!((cached, rejudged), (0, 1));
+
+    // An entry gone from conntrack without the datapath knowing (LRU eviction, here removed
+    // from userspace): the slot stands for it at most FLOW_CACHE_TTL, then the full path
+    // judges the segment as a new flow (an inbound ACK to a port nothing allows: dropped).
+    // A slot lives 100 ms at HZ=1000: on a machine too busy to send the next packet within
+    // that, the attempt is repeated.
+    let mut outlived = None;
+    for _ in 0..5 {
+        let sp = port();
+        let out = |flags| out4(world, 6, tcp(sp, 443, 1, 1, flags));
+        let inn = |flags| in4(world, 6, tcp(443, sp, 1, 2, flags));
+        let k = ct_key(v4_mapped(VM4), sp, v4_mapped(world), 443, 6);
+        assert_eq!(e.vm_sends(&out(SYN)), PASS);
+        assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
+        assert_eq!(e.vm_sends(&out(ACK)), PASS);
+        assert_eq!(e.vm_receives(&inn(ACK)), PASS);
+        e.t.maps_mut().conntrack.remove(&k).unwrap();
+        let mut rc = 0;
+        let [cached] = e.delta([STAT_FLOW_CACHE], || rc = e.vm_receives(&inn(ACK)));
+        if cached == 1 {
+            assert_eq!(rc, PASS);
+            outlived = Some(inn(ACK));
+            break;
+        }
+        assert_eq!(rc, TC_ACT_SHOT, "without its entry, from the full path");
+    }
+    let inn = outlived.expect("a slot outlives its entry (within its lifetime)");
+    std::thread::sleep(std::time::Duration::from_nanos(
+        FLOW_CACHE_TTL + 100_000_000,
+    ));
+    let [cached] = e.delta([STAT_FLOW_CACHE], || {
+        assert_eq!(e.vm_receives(&inn), TC_ACT_SHOT);
+    });
+    assert_eq!(cached, 0);
+
+    // IPv6 flows take the fast path, never the cache.
+    let sp6 = port();
+    let world6 = a6([0x2001, 0xdb8, 0xff, 0], 0x81);
+    let out6f = |flags| out6(world6, 6, tcp(sp6, 443, 1, 1, flags));
+    let in6f = |flags| in6(world6, 6, tcp(443, sp6, 1, 2, flags));
+    assert_eq!(e.vm_sends(&out6f(SYN)), PASS);
+    assert_eq!(e.vm_receives(&in6f(SYN | ACK)), PASS);
+    assert_eq!(e.vm_sends(&out6f(ACK)), PASS);
+    let [cached, fast] = e.delta([STAT_FLOW_CACHE, STAT_CT_FAST], || {
+        for _ in 0..3 {
+            assert_eq!(e.vm_sends(&out6f(ACK)), PASS);
+            assert_eq!(e.vm_receives(&in6f(ACK)), PASS);
+        }
+    });
+    assert_eq!((cached, fast), (0, 6));
+}

@@ -14,7 +14,7 @@ use bulkhead_abi::*;
 use crate::{
     conntrack,
     events::{emit, EventInfo},
-    fast,
+    fast, flowcache,
     maps::{
         stat, EpCacheEntry, CONFIG, CONNTRACK, CPU_STATE, ENDPOINTS, EP_ADDRS, EP_CACHE_SLOTS,
         EP_STATS, FRAGS, RULE_STATS, SCRATCH_PKT,
@@ -48,8 +48,21 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
         stat(STAT_PACKETS);
         return PASS;
     }
-    // One read of the config: the whole packet is judged in one generation.
-    let cfg = CONFIG.get(0).copied().unwrap_or_default();
+    // One read of the config: the whole packet is judged in one generation. Field by field:
+    // a copy of the whole value would read the padding a byte at a time.
+    let cfg = CONFIG
+        .get(0)
+        .map(|c| Config {
+            epoch: c.epoch,
+            event_rate: c.event_rate,
+            bootstrap: c.bootstrap,
+            _pad: [0; 7],
+        })
+        .unwrap_or_default();
+    // Counts itself in `STAT_FLOW_CACHE` only, as the fast path does in `STAT_CT_FAST`.
+    if let Some(rc) = flowcache::hit(ctx, dir, ifindex, &cfg) {
+        return rc;
+    }
     let gen = cfg.generation();
     let Some(ep) = endpoint(&cfg, ifindex) else {
         stat(STAT_PACKETS);
@@ -282,7 +295,12 @@ fn tracked(
         }
     }
     if pkt.proto == IPPROTO_TCP {
+        let state = e.state;
         conntrack::tcp_advance(e, pkt.tcp_flags, is_orig);
+        if e.state != state {
+            // Cached slots stand for an ESTABLISHED entry only.
+            flowcache::invalidate(pkt);
+        }
         if e.state == CT_TCP_CLOSED {
             stat(STAT_CT_CLOSED);
         }
@@ -360,6 +378,9 @@ fn new_flow(c: &Cx, eth: &EthHdr, pkt: &Pkt, key: &CtKey, src_is_a: bool, now: u
             } else {
                 stat(STAT_CT_INSERT_FAILED);
             }
+            // A new entry (a tuple reused, or one evicted before): no cached slot of the
+            // tuple's earlier entry may pass this flow's packets.
+            flowcache::invalidate(pkt);
         }
         if pkt.frag == FRAG_FIRST {
             remember_fragments(c, pkt, now);
@@ -664,12 +685,15 @@ fn count(c: &Cx, rule: u32, outcome: u8, now: u64) {
 
 #[inline(always)]
 pub fn count_raw(gen: u32, slot: u32, dir: u8, len: u32, rule: u32, outcome: u8, now: u64) {
+    // Stamps only move forward: a flow-cache hit stamps the time its slot was filled.
     if let Some(r) = RULE_STATS.get_ptr_mut(rule_stats_index(gen, rule)) {
         // SAFETY: per-CPU value.
         let r = unsafe { &mut *r };
         r.packets += 1;
         r.bytes += u64::from(len);
-        r.last_hit_ns = now;
+        if now > r.last_hit_ns {
+            r.last_hit_ns = now;
+        }
     }
     if let Some(s) = EP_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value.
@@ -686,6 +710,8 @@ pub fn count_raw(gen: u32, slot: u32, dir: u8, len: u32, rule: u32, outcome: u8,
                 s.monitor_packets[d] += 1;
             }
         }
-        s.last_hit_ns = now;
+        if now > s.last_hit_ns {
+            s.last_hit_ns = now;
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The established fast path: a packet of a tracked TCP or UDP flow whose entry was judged
-//! under the current policy epoch passes after one conntrack lookup, read straight from the
-//! linear packet data — no parsed-packet scratch copy, no parser subprogram, no address
-//! lookup. Everything else (and anything this path is unsure of) returns `None` and takes
+//! under the current policy epoch passes after one conntrack lookup, on its headers copied
+//! once — no parser subprogram, no parsed-packet scratch, no address lookup. An IPv4 flow
+//! it passes goes into the per-CPU flow cache (`flowcache.rs`), which takes the flow's
+//! next packets on this CPU without the conntrack lookup. Everything else (and anything this path is unsure of) returns `None` and takes
 //! the full path in `datapath.rs`, which judges the packet from the start: the fast path has
 //! no effect but on packets it passes, and on those it does exactly what the full path would
 //! (the same counters, the same conntrack updates).
@@ -28,6 +29,7 @@ use core::ffi::c_void;
 use crate::{
     conntrack,
     datapath::{count_raw, PASS},
+    flowcache::{self, FlowSlot},
     maps::{stat, CONNTRACK, CPU_STATE},
     parse::{IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -145,13 +147,11 @@ fn try_established(
     let w = &h.0;
     // Packet byte b sits at byte b + 2 of `h`: the source MAC (6..12) in words 2 and 3,
     // the ethertype (12..14) in the high half of word 3.
-    if dir == DIR_EGRESS {
-        let m = &ep.mac;
-        let mac_lo = u32::from_ne_bytes([m[0], m[1], m[2], m[3]]);
-        let mac_hi = u16::from_ne_bytes([m[4], m[5]]);
-        if w[2] != mac_lo || w[3] as u16 != mac_hi {
-            return None;
-        }
+    let m = &ep.mac;
+    let mac_lo = u32::from_ne_bytes([m[0], m[1], m[2], m[3]]);
+    let mac_hi = u16::from_ne_bytes([m[4], m[5]]);
+    if dir == DIR_EGRESS && (w[2] != mac_lo || w[3] as u16 != mac_hi) {
+        return None;
     }
     let ethertype = u16::from_be((w[3] >> 16) as u16);
     // The IP header starts at word 4. The key is filled source first and swapped below.
@@ -160,6 +160,8 @@ fn try_established(
     k.0[0] = ifindex;
     let proto: u8;
     let l4: usize;
+    // IPv4 source and destination as read, for the flow cache.
+    let mut v4 = None;
     if ethertype == 0x0800 {
         let vihl = w[4] as u8;
         let frag = u16::from_be((w[5] >> 16) as u16);
@@ -172,6 +174,7 @@ fn try_established(
         k.0[4] = w[7];
         k.0[7] = V4_MAPPED_W2;
         k.0[8] = w[8];
+        v4 = Some((w[7], w[8]));
         l4 = 9;
     } else if ethertype == 0x86dd {
         if len < V4_LEN + V6_MORE_MIN {
@@ -245,6 +248,11 @@ fn try_established(
     // SAFETY: `KeyWords` has `CtKey`'s size and layout on this little-endian target, and
     // every bit pattern is a valid `CtKey`.
     let key = unsafe { &*(k as *const KeyWords as *const CtKey) };
+    // The flow's generation before its entry (see `flowcache::current_gen`).
+    let gen = match v4 {
+        Some((saddr, daddr)) => flowcache::current_gen(saddr, daddr, ports),
+        None => 0,
+    };
     let e = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a valid map value; concurrent updates race only as in the full path.
     let e = unsafe { &mut *e };
@@ -276,8 +284,18 @@ fn try_established(
     }
     let expires = now + conntrack::timeout(proto, state, false);
     // As in the full path: a shorter timeout always applies, a longer one past the slack.
-    if expires < e.expires_ns || expires - e.expires_ns > CT_REFRESH_SLACK {
+    // An IPv4 flow is cached next, and comes back here only a cache lifetime later: its
+    // slack is a tenth, so that its expiry stays within the cache lifetime and the slack of
+    // exact, as the full path keeps others within the slack.
+    let slack = if v4.is_some() {
+        CT_REFRESH_SLACK / 10
+    } else {
+        CT_REFRESH_SLACK
+    };
+    let mut expiry = e.expires_ns;
+    if expires < expiry || expires - expiry > slack {
         e.expires_ns = expires;
+        expiry = expires;
     }
     // The only datapath counter of this path: readers add it to `packets` and `ct_hit`.
     stat(STAT_CT_FAST);
@@ -295,5 +313,25 @@ fn try_established(
         outcome,
         now,
     );
+    if let Some((saddr, daddr)) = v4 {
+        flowcache::fill(FlowSlot {
+            valid_until: flowcache::jiffies() + flowcache::lifetime(now, expiry),
+            stamp_ns: now,
+            ifindex,
+            epoch: cfg.epoch,
+            saddr,
+            daddr,
+            ports,
+            rule: e.rule,
+            ep_slot: ep.slot,
+            mac_lo,
+            mac_hi,
+            proto,
+            dir,
+            gen,
+            outcome,
+            _pad: 0,
+        });
+    }
     Some(PASS)
 }

@@ -4,16 +4,20 @@
 //! TC egress hook (traffic to the VM, `DIR_INGRESS`). Both share every map. The table
 //! contract and lookup semantics live in `bulkhead-abi` and ARCHITECTURE.md.
 //!
-//! Rules for this crate: no panic paths (no slice indexing that can fail), every packet
-//! access through `bpf_skb_load_bytes` (bounds-checked, and it reads non-linear skbs too),
-//! no logging, small stack.
+//! Rules for this crate: no panic paths (no slice indexing that can fail), packet access
+//! through `bpf_skb_load_bytes` (bounds-checked, and it reads non-linear skbs too) except the
+//! flow cache's direct loads of linear headers (bounds-checked against `data_end`, and a
+//! packet whose headers are not linear misses the cache), no logging, small stack.
 #![no_std]
 #![no_main]
+// One-instruction unaligned packet loads (`flowcache::pkt`).
+#![feature(asm_experimental_arch)]
 
 mod conntrack;
 mod datapath;
 mod events;
 mod fast;
+mod flowcache;
 mod maps;
 mod parse;
 mod policy;

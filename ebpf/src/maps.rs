@@ -53,18 +53,32 @@ pub struct EpCacheEntry {
 pub const EP_CACHE_SLOTS: u32 = 256;
 
 /// The per-CPU working state of the established path in one value (one map, adjacent
-/// lines): the fast path's header copy and key next to the endpoint cache. Not pinned: it
-/// holds no state.
+/// lines): the fast path's header copy and key next to the endpoint cache and the flow
+/// cache. Not pinned: it holds no state of its own (both caches are tagged with the epoch
+/// and rebuilt from the pinned tables on a miss).
 #[repr(C)]
 pub struct CpuState {
     pub fast: crate::fast::Scratch,
     /// Cache of `ENDPOINTS` for the current epoch, direct-mapped by ifindex (see
     /// `datapath::endpoint`).
     pub ep: [EpCacheEntry; EP_CACHE_SLOTS as usize],
+    /// Established IPv4 flows (see `flowcache.rs`).
+    pub flows:
+        [[crate::flowcache::FlowSlot; crate::flowcache::FLOW_WAYS]; crate::flowcache::FLOW_SETS],
 }
 
 #[map]
 pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
+
+// A per-CPU map value is at most 32 KiB (the per-CPU allocator's unit).
+const _: () = assert!(core::mem::size_of::<CpuState>() <= 32 * 1024);
+
+/// Flow generations: a counter per hash of a flow's addresses and ports, bumped by the full
+/// path whenever it creates a conntrack entry or moves a TCP entry to another state, so that
+/// flow-cache slots of that flow on every CPU stop standing for it (see `flowcache.rs`). Not
+/// pinned: it belongs to the caches of this program instance.
+#[map]
+pub static FLOW_GEN: Array<u32> = Array::with_max_entries(crate::flowcache::FLOW_GENS, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
 

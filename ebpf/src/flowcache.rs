@@ -1,0 +1,312 @@
+//! The per-CPU flow cache: an exact-match cache of established IPv4 flows in front of
+//! conntrack, read straight from the packet (no helper call, no copy, no hash-table
+//! lookup). A packet that hits it passes with the counters the fast path writes; anything
+//! else goes on to the fast path (`fast.rs`), which fills the cache when it passes a packet.
+//!
+//! Why a hit passes what the fast path would, without looking at conntrack:
+//! - a slot is filled by the fast path for one packet-direction tuple (interface, direction,
+//!   source, destination, ports, protocol) after every check of that path passed, and it
+//!   carries the policy epoch: a policy swap (new epoch) ends every slot, and the tables of
+//!   an epoch never change;
+//! - the hit path repeats every check that depends on the packet (Ethernet type, no IP
+//!   options, no fragment, TCP without SYN/FIN/RST, no DHCP port, the VM's source MAC);
+//! - the entry behind a slot changes only through the full path (the fast path passes
+//!   packets that change nothing), and the full path bumps the flow's generation
+//!   (`FLOW_GEN`, per hash of addresses and ports, both directions alike) whenever it creates
+//!   an entry (a reused or re-created tuple) or moves a TCP entry to another state (FIN, RST,
+//!   the handshake): a slot carries the generation read before the entry it was filled
+//!   from, so it stops matching on every CPU at once;
+//! - a slot lives at most `FLOW_CACHE_TTL` (1 s) and never past the entry's expiry; then the
+//!   fast path looks at the entry again and refreshes its expiry (within a tenth of the
+//!   refresh slack, so expiries stay within the lifetime and the slack of exact). The
+//!   lifetime is counted in jiffies, each taken as the longest one (`MAX_JIFFY_NS`, HZ=100),
+//!   so it is shorter at a higher tick rate: reading `jiffies` costs a load, not a helper;
+//! - what a slot cannot see is an entry removed behind the datapath's back: LRU eviction
+//!   from a full table. A cached flow then keeps passing for at most its slot's lifetime;
+//!   then the full path judges its packets as new flows. (A hot flow is also looked up in
+//!   the table only once a lifetime per CPU and direction, so under eviction pressure it
+//!   looks colder to the LRU than it is.)
+//!
+//! Assumes a CPU with efficient unaligned loads (x86-64, arm64: the verifier allows them on
+//! packet data there) and HZ >= 100. IPv6 flows take the fast path (their tuple would not
+//! fit the slot's cache line).
+
+use aya_ebpf::{helpers::bpf_jiffies64, programs::TcContext};
+use bulkhead_abi::*;
+
+use crate::{
+    datapath::{count_raw, PASS},
+    maps::{stat, CPU_STATE, FLOW_GEN},
+    parse::{Pkt, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// Sets per CPU (chosen by a hash of the tuple), of [`FLOW_WAYS`] slots each: two flows
+/// whose tuples hash alike (the two directions of one connection, say) both stay cached.
+pub const FLOW_SETS: usize = 128;
+/// Slots per set: the most recently filled first.
+pub const FLOW_WAYS: usize = 2;
+
+/// One cached flow: the tuple as the packet carries it (words as read from the packet,
+/// network byte order) and what the hit path needs to pass and count the packet.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowSlot {
+    /// `bpf_jiffies64()` until which the slot may be used; 0 = empty.
+    pub valid_until: u64,
+    /// `bpf_ktime_get_coarse_ns()` when the fast path filled the slot: the last-hit stamp
+    /// hits write (exact to within the slot's lifetime).
+    pub stamp_ns: u64,
+    pub ifindex: u32,
+    pub epoch: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Source port in the low half, destination port in the high half (as read).
+    pub ports: u32,
+    pub rule: u32,
+    pub ep_slot: u32,
+    /// The VM's MAC (bytes 0..4 and 4..6), compared on packets the VM sends.
+    pub mac_lo: u32,
+    pub mac_hi: u16,
+    pub proto: u8,
+    pub dir: u8,
+    /// `FLOW_GEN` of the flow when the fast path looked its entry up.
+    pub gen: u32,
+    /// `ACTION_ALLOW` or `ACTION_MONITOR`: what the counters record.
+    pub outcome: u8,
+    pub _pad: u8,
+}
+
+// One cache line per slot (where the per-CPU value's placement lets it be).
+const _: () = assert!(core::mem::size_of::<FlowSlot>() == 64);
+
+/// Entries of `FLOW_GEN`.
+pub const FLOW_GENS: u32 = 4096;
+
+/// Ethernet + IPv4 without options + a UDP header: the shortest frame a hit can be.
+const V4_MIN: usize = 14 + 20 + 8;
+/// Through the TCP flags byte.
+const V4_TCP: usize = 14 + 20 + 14;
+
+/// Loads from the packet at any alignment. The BPF backend turns a Rust load it cannot
+/// prove aligned into byte loads and shifts; the kernel allows unaligned packet loads on
+/// this architecture (the verifier checks packet alignment only where the CPU needs it),
+/// so one instruction does.
+mod pkt {
+    use core::arch::asm;
+
+    /// A 32-bit word at `p`, as it lies in memory.
+    ///
+    /// # Safety
+    /// `p..p + 4` lies within the packet (bounds checked against `data_end` by the caller).
+    #[inline(always)]
+    pub unsafe fn word(p: usize) -> u32 {
+        let v: u64;
+        // SAFETY: per the caller; a plain load, no side effects.
+        unsafe {
+            asm!("{v} = *(u32 *)({p} + 0)", p = in(reg) p, v = lateout(reg) v,
+                 options(readonly, nostack, preserves_flags));
+        }
+        v as u32
+    }
+
+    /// A 16-bit half word at `p`, as it lies in memory.
+    ///
+    /// # Safety
+    /// As for [`word`], for two bytes.
+    #[inline(always)]
+    pub unsafe fn half(p: usize) -> u16 {
+        let v: u64;
+        // SAFETY: per the caller.
+        unsafe {
+            asm!("{v} = *(u16 *)({p} + 0)", p = in(reg) p, v = lateout(reg) v,
+                 options(readonly, nostack, preserves_flags));
+        }
+        v as u16
+    }
+
+    /// The byte at `p`.
+    ///
+    /// # Safety
+    /// `p` lies within the packet.
+    #[inline(always)]
+    pub unsafe fn byte(p: usize) -> u8 {
+        // SAFETY: per the caller; bytes have no alignment.
+        unsafe { *(p as *const u8) }
+    }
+}
+
+#[inline(always)]
+fn set_index(ifindex: u32, saddr: u32, daddr: u32, ports: u32) -> usize {
+    // Multiplicative hashing of a fold of the tuple: cheap, and a slot is checked in full.
+    let x = saddr ^ daddr.rotate_left(16) ^ ports ^ ifindex.rotate_left(8);
+    (x.wrapping_mul(0x9e37_79b1) >> 25) as usize % FLOW_SETS
+}
+
+/// The `FLOW_GEN` entry of a flow: the same for both directions (and every interface).
+#[inline(always)]
+fn gen_index(saddr: u32, daddr: u32, ports: u32) -> u32 {
+    let x = saddr ^ daddr ^ (ports & 0xffff) ^ (ports >> 16);
+    (x.wrapping_mul(0x9e37_79b1) >> 20) % FLOW_GENS
+}
+
+/// The flow's generation now. The fast path reads it before its conntrack lookup, the full
+/// path bumps it after changing the entry: a slot filled from an entry older than a bump
+/// carries an older generation.
+#[inline(always)]
+pub fn current_gen(saddr: u32, daddr: u32, ports: u32) -> u32 {
+    match FLOW_GEN.get_ptr(gen_index(saddr, daddr, ports)) {
+        // SAFETY: a valid map value; a volatile read keeps it before the lookup that follows.
+        Some(g) => unsafe { core::ptr::read_volatile(g) },
+        None => 0,
+    }
+}
+
+/// End every slot of the flow of `p` on every CPU (the full path created its conntrack
+/// entry or changed its TCP state). Only TCP and UDP over IPv4 are cached.
+#[inline(always)]
+pub fn invalidate(p: &Pkt) {
+    if p.family != 4 || (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP) {
+        return;
+    }
+    let word = |a: &[u8; 16]| u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+    // The ports word as the hit path reads it: network byte order, source first.
+    let ports = u32::from(p.sport.to_be()) | u32::from(p.dport.to_be()) << 16;
+    if let Some(g) = FLOW_GEN.get_ptr_mut(gen_index(word(&p.src), word(&p.dst), ports)) {
+        // SAFETY: a valid map value. Concurrent bumps may lose one another's increment; the
+        // value still differs from every generation read before them.
+        unsafe { core::ptr::write_volatile(g, core::ptr::read_volatile(g).wrapping_add(1)) };
+    }
+}
+
+/// Whether two slots are for the same packet-direction tuple.
+#[inline(always)]
+fn same_tuple(a: &FlowSlot, b: &FlowSlot) -> bool {
+    a.ifindex == b.ifindex
+        && a.saddr == b.saddr
+        && a.daddr == b.daddr
+        && a.ports == b.ports
+        && a.proto == b.proto
+        && a.dir == b.dir
+}
+
+#[inline(always)]
+fn dhcp_port(p: u16) -> bool {
+    matches!(p, 67 | 68 | 546 | 547)
+}
+
+/// `PASS` for a packet of a cached flow (counted), or `None` for the fast path.
+#[inline(always)]
+pub fn hit(ctx: &TcContext, dir: u8, ifindex: u32, cfg: &Config) -> Option<i32> {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + V4_MIN > end {
+        return None;
+    }
+    // SAFETY (every load below): within `data..data + V4_MIN`, checked above, or within
+    // `data..data + V4_TCP` where checked.
+    if unsafe { pkt::half(data + 12) } != 0x0800u16.to_be()
+        || unsafe { pkt::byte(data + 14) } != 0x45
+        || unsafe { pkt::half(data + 20) } & 0x3fffu16.to_be() != 0
+    {
+        return None;
+    }
+    let saddr = unsafe { pkt::word(data + 26) };
+    let daddr = unsafe { pkt::word(data + 30) };
+    let ports = unsafe { pkt::word(data + 34) };
+    let proto = unsafe { pkt::byte(data + 23) };
+    if proto == IPPROTO_TCP {
+        if data + V4_TCP > end {
+            return None;
+        }
+        if unsafe { pkt::byte(data + 47) } & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+            return None;
+        }
+    } else if proto == IPPROTO_UDP {
+        let (sport, dport) = (
+            u16::from_be(ports as u16),
+            u16::from_be((ports >> 16) as u16),
+        );
+        if dhcp_port(sport) || dhcp_port(dport) {
+            return None;
+        }
+    } else {
+        return None;
+    }
+    let st = CPU_STATE.get_ptr(0)?;
+    // SAFETY: per-CPU value, used by this packet only (TC programs do not nest on a CPU).
+    let set = unsafe { (*st).flows.get(set_index(ifindex, saddr, daddr, ports))? };
+    let is = |s: &FlowSlot| {
+        s.epoch == cfg.epoch
+            && s.ifindex == ifindex
+            && s.saddr == saddr
+            && s.daddr == daddr
+            && s.ports == ports
+            && s.proto == proto
+            && s.dir == dir
+    };
+    let s = if is(&set[0]) {
+        &set[0]
+    } else if is(&set[1]) {
+        &set[1]
+    } else {
+        return None;
+    };
+    if current_gen(saddr, daddr, ports) != s.gen {
+        return None;
+    }
+    if dir == DIR_EGRESS
+        && (unsafe { pkt::word(data + 6) } != s.mac_lo
+            || unsafe { pkt::half(data + 10) } != s.mac_hi)
+    {
+        return None;
+    }
+    // The verifier turns this helper into a load of `jiffies`: no call (a call's return
+    // goes through a mitigation thunk on CPUs that need one).
+    if jiffies() >= s.valid_until {
+        return None;
+    }
+    stat(STAT_FLOW_CACHE);
+    count_raw(
+        cfg.generation(),
+        s.ep_slot,
+        dir,
+        ctx.len(),
+        s.rule,
+        s.outcome,
+        s.stamp_ns,
+    );
+    Some(PASS)
+}
+
+/// How many jiffies a slot filled at `now` may live for an entry expiring at `expires`:
+/// `FLOW_CACHE_TTL`, and never past the entry's expiry, counting every jiffy as the longest
+/// one there is.
+#[inline(always)]
+pub fn lifetime(now: u64, expires: u64) -> u64 {
+    FLOW_CACHE_TTL.min(expires.saturating_sub(now)) / MAX_JIFFY_NS
+}
+
+/// The jiffies clock (an inlined load, see [`hit`]).
+#[inline(always)]
+pub fn jiffies() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_jiffies64() }
+}
+
+/// Remember a flow the fast path has just passed (IPv4 only), for `FLOW_CACHE_TTL` or
+/// until its conntrack entry expires, whichever is first.
+#[inline(always)]
+pub fn fill(slot: FlowSlot) {
+    let Some(st) = CPU_STATE.get_ptr_mut(0) else {
+        return;
+    };
+    let i = set_index(slot.ifindex, slot.saddr, slot.daddr, slot.ports);
+    // SAFETY: per-CPU value, used by this packet only.
+    if let Some(set) = unsafe { (*st).flows.get_mut(i) } {
+        // The set's most recent flow moves to the second way, unless this is that flow.
+        if !same_tuple(&set[0], &slot) {
+            set[1] = set[0];
+        }
+        set[0] = slot;
+    }
+}
