@@ -192,10 +192,14 @@ pub const STAT_CT_FAST: u32 = 27;
 /// path. Counted here only: readers add it to `STAT_CT_FAST` (the established path as a
 /// whole), `STAT_PACKETS` and `STAT_CT_HIT` (`Maps::stat` does).
 pub const STAT_FLOW_CACHE: u32 = 28;
+/// Frames a VM sent with an 802.1Q/802.1ad tag, dropped: a VM's segment is the hypervisor's
+/// to choose, never the VM's (the kernel strips the outer tag into the packet's metadata
+/// before TC sees it, so the frame would otherwise be judged as the IP packet inside).
+pub const STAT_DROP_VLAN: u32 = 29;
 pub const STAT_COUNT: u32 = 32;
 
 /// Names of the datapath counters, in index order, for metrics and the CLI.
-pub const STAT_NAMES: [&str; 29] = [
+pub const STAT_NAMES: [&str; 30] = [
     "packets",
     "ct_hit",
     "ct_created",
@@ -225,4 +229,5 @@ pub const STAT_NAMES: [&str; 29] = [
     "ct_expired",
     "ct_fast",
     "flow_cache",
+    "drop_vlan",
 ];

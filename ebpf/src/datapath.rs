@@ -43,10 +43,17 @@ struct Cx<'a> {
 pub fn run(ctx: &TcContext, dir: u8) -> i32 {
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: the context pointer of a TC program is a valid __sk_buff.
-    let (mark, ifindex) = unsafe { ((*skb).mark, (*skb).ifindex) };
+    let (mark, ifindex, vlan) = unsafe { ((*skb).mark, (*skb).ifindex, (*skb).vlan_present) };
     if mark == REJECT_MARK {
         stat(STAT_PACKETS);
         return PASS;
+    }
+    // A tag the VM put on its frame is in the metadata by now (the frame's data is what it
+    // carried inside): no VM picks its own segment.
+    if dir == DIR_EGRESS && vlan != 0 {
+        stat(STAT_PACKETS);
+        stat(STAT_DROP_VLAN);
+        return DROP;
     }
     // One read of the config: the whole packet is judged in one generation. Field by field:
     // a copy of the whole value would read the padding a byte at a time.
