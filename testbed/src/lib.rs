@@ -622,8 +622,11 @@ pub struct PinRoot(pub std::path::PathBuf);
 static PIN_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl PinRoot {
-    /// Unique per call, also among concurrent tests of one process.
+    /// Unique per call, also among concurrent tests of one process. Removes first what
+    /// processes that are gone left behind (a test or benchmark killed before its drops ran:
+    /// pinned maps keep their kernel memory until they are unpinned).
     pub fn new(test: &str) -> Self {
+        remove_stale_pins();
         Self(std::path::PathBuf::from(format!(
             "/sys/fs/bpf/bulkhead-test-{test}-{}-{}",
             std::process::id(),
@@ -632,8 +635,51 @@ impl PinRoot {
     }
 }
 
+/// The pid in a pin directory name made by [`PinRoot::new`] (`bulkhead-test-{test}-{pid}-{n}`).
+fn pin_dir_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("bulkhead-test-")?;
+    let mut fields = rest.rsplitn(3, '-');
+    let n = fields.next()?;
+    let pid = fields.next()?;
+    fields.next()?;
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+fn remove_stale_pins() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = pin_dir_pid(&name) {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 impl Drop for PinRoot {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pin_dir_pid;
+
+    #[test]
+    fn pin_dir_names_give_their_pid() {
+        assert_eq!(
+            pin_dir_pid("bulkhead-test-bench-netns-17650-0"),
+            Some(17650)
+        );
+        assert_eq!(pin_dir_pid("bulkhead-test-ns-vlan-42-3"), Some(42));
+        // Other layouts (the verdict tests' own `bulkhead-test-{name}-{pid}`) are left alone.
+        assert_eq!(pin_dir_pid("bulkhead-test-rejudge-12345"), None);
+        assert_eq!(pin_dir_pid("bulkhead-7-1"), None);
+        assert_eq!(pin_dir_pid("bulkhead-test-x-y-z"), None);
     }
 }
