@@ -437,6 +437,29 @@ impl Env {
     fn ct(&self, key: &CtKey) -> Option<CtEntry> {
         self.t.maps().conntrack.get(key, 0).ok()
     }
+    /// A TCP handshake opened by the VM, every segment passing.
+    fn handshake(&self, out: impl Fn(u8) -> Vec<u8>, inn: impl Fn(u8) -> Vec<u8>) {
+        assert_eq!(self.vm_sends(&out(SYN)), PASS);
+        assert_eq!(self.vm_receives(&inn(SYN | ACK)), PASS);
+        assert_eq!(self.vm_sends(&out(ACK)), PASS);
+    }
+    /// The endpoint's allowed packets (per direction) and allowed egress bytes, and the
+    /// packets of rule `r11`.
+    fn allowed(&mut self) -> [u64; 4] {
+        let st = self.t.endpoint_stats(self.slot).unwrap();
+        let rule = self.t.rule_counters().unwrap()["r11"].packets;
+        [
+            st.allow_packets[0],
+            st.allow_packets[1],
+            st.allow_bytes[0],
+            rule,
+        ]
+    }
+    /// What [`Env::allowed`] counted since `before`.
+    fn allowed_since(&mut self, before: [u64; 4]) -> [u64; 4] {
+        let now = self.allowed();
+        [0, 1, 2, 3].map(|i| now[i] - before[i])
+    }
     /// Counter deltas around `f`.
     fn delta<const N: usize>(&self, stats: [u32; N], f: impl FnOnce()) -> [u64; N] {
         let before = stats.map(|s| self.stat(s));
@@ -2247,9 +2270,7 @@ fn established_fast_path_counts_and_keeps_every_check() {
         };
         // The handshake changes the entry's state: the full path.
         let [fast] = e.delta([STAT_CT_FAST], || {
-            assert_eq!(e.vm_sends(&out(SYN)), PASS);
-            assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
-            assert_eq!(e.vm_sends(&out(ACK)), PASS);
+            e.handshake(out, inn);
         });
         assert_eq!(fast, 0);
         let ent = e.ct(&k).unwrap();
@@ -2257,8 +2278,7 @@ fn established_fast_path_counts_and_keeps_every_check() {
         assert_ne!(ent.flags & CT_SRC_CHECKED, 0, "the VM's source was checked");
 
         // Established segments both ways take the fast path and count everywhere.
-        let st0 = e.t.endpoint_stats(e.slot).unwrap();
-        let rc0 = e.t.rule_counters().unwrap()["r11"].packets;
+        let before = e.allowed();
         let [fast, hit, packets, policy] = e.delta(
             [STAT_CT_FAST, STAT_CT_HIT, STAT_PACKETS, STAT_PASS_POLICY],
             || {
@@ -2269,12 +2289,8 @@ fn established_fast_path_counts_and_keeps_every_check() {
             },
         );
         assert_eq!((fast, hit, packets, policy), (6, 6, 6, 0));
-        let st = e.t.endpoint_stats(e.slot).unwrap();
-        assert_eq!(st.allow_packets[0] - st0.allow_packets[0], 3);
-        assert_eq!(st.allow_packets[1] - st0.allow_packets[1], 3);
         let seg = out(ACK | PSH).len() as u64;
-        assert_eq!(st.allow_bytes[0] - st0.allow_bytes[0], 3 * seg);
-        assert_eq!(e.t.rule_counters().unwrap()["r11"].packets - rc0, 6);
+        assert_eq!(e.allowed_since(before), [3, 3, 3 * seg, 6]);
 
         // The VM sending the flow's reversed tuple (the peer's address as its source) hits
         // the same entry but is a spoof, and so is a foreign source MAC.
@@ -2322,9 +2338,7 @@ fn established_fast_path_counts_and_keeps_every_check() {
     let out = |flags| out4(world, 6, tcp(sp, 443, 1, 1, flags));
     let inn = |flags| in4(world, 6, tcp(443, sp, 1, 2, flags));
     let k = ct_key(v4_mapped(VM4), sp, v4_mapped(world), 443, 6);
-    assert_eq!(e.vm_sends(&out(SYN)), PASS);
-    assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
-    assert_eq!(e.vm_sends(&out(ACK)), PASS);
+    e.handshake(out, inn);
     assert_eq!(e.vm_sends(&out(FIN | ACK)), PASS);
     assert_eq!(e.vm_receives(&inn(FIN | ACK)), PASS);
     assert_eq!(e.ct(&k).unwrap().state, CT_TCP_CLOSING);
@@ -2374,14 +2388,11 @@ fn flow_cache_passes_only_what_the_fast_path_would() {
     let out = |flags| out4(world, 6, tcp(sp, 443, 1, 1, flags));
     let inn = |flags| in4(world, 6, tcp(443, sp, 1, 2, flags));
     let k = ct_key(v4_mapped(VM4), sp, v4_mapped(world), 443, 6);
-    assert_eq!(e.vm_sends(&out(SYN)), PASS);
-    assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
-    assert_eq!(e.vm_sends(&out(ACK)), PASS);
+    e.handshake(out, inn);
 
     // The first established packet each way is the fast path's (it fills a slot), the
     // rest are the cache's, with the same counters.
-    let st0 = e.t.endpoint_stats(e.slot).unwrap();
-    let rc0 = e.t.rule_counters().unwrap()["r11"].packets;
+    let before = e.allowed();
     let [cached, fast, hit, packets] = e.delta(
         [STAT_FLOW_CACHE, STAT_CT_FAST, STAT_CT_HIT, STAT_PACKETS],
         || {
@@ -2392,12 +2403,8 @@ fn flow_cache_passes_only_what_the_fast_path_would() {
         },
     );
     assert_eq!((cached, fast, hit, packets), (6, 8, 8, 8));
-    let st = e.t.endpoint_stats(e.slot).unwrap();
-    assert_eq!(st.allow_packets[0] - st0.allow_packets[0], 4);
-    assert_eq!(st.allow_packets[1] - st0.allow_packets[1], 4);
     let seg = out(ACK | PSH).len() as u64;
-    assert_eq!(st.allow_bytes[0] - st0.allow_bytes[0], 4 * seg);
-    assert_eq!(e.t.rule_counters().unwrap()["r11"].packets - rc0, 8);
+    assert_eq!(e.allowed_since(before), [4, 4, 4 * seg, 8]);
 
     // Checks that depend on the packet: a foreign source MAC and the reversed tuple from
     // the VM are spoofs; a FIN goes to the full path, moves the entry on, and ends the
@@ -2423,9 +2430,7 @@ fn flow_cache_passes_only_what_the_fast_path_would() {
     assert_eq!(e.vm_receives(&inn(FIN | ACK)), PASS);
     assert_eq!(e.ct(&k).unwrap().state, CT_TCP_CLOSING);
     let [cached] = e.delta([STAT_FLOW_CACHE], || {
-        assert_eq!(e.vm_sends(&out(SYN)), PASS);
-        assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
-        assert_eq!(e.vm_sends(&out(ACK)), PASS);
+        e.handshake(out, inn);
     });
     assert_eq!(cached, 0);
     assert_eq!(e.ct(&k).unwrap().state, CT_TCP_ESTABLISHED);
@@ -2468,9 +2473,7 @@ fn flow_cache_passes_only_what_the_fast_path_would() {
         let out = |flags| out4(world, 6, tcp(sp, 443, 1, 1, flags));
         let inn = |flags| in4(world, 6, tcp(443, sp, 1, 2, flags));
         let k = ct_key(v4_mapped(VM4), sp, v4_mapped(world), 443, 6);
-        assert_eq!(e.vm_sends(&out(SYN)), PASS);
-        assert_eq!(e.vm_receives(&inn(SYN | ACK)), PASS);
-        assert_eq!(e.vm_sends(&out(ACK)), PASS);
+        e.handshake(out, inn);
         assert_eq!(e.vm_receives(&inn(ACK)), PASS);
         e.t.maps_mut().conntrack.remove(&k).unwrap();
         let mut rc = 0;
@@ -2496,9 +2499,7 @@ fn flow_cache_passes_only_what_the_fast_path_would() {
     let world6 = a6([0x2001, 0xdb8, 0xff, 0], 0x81);
     let out6f = |flags| out6(world6, 6, tcp(sp6, 443, 1, 1, flags));
     let in6f = |flags| in6(world6, 6, tcp(443, sp6, 1, 2, flags));
-    assert_eq!(e.vm_sends(&out6f(SYN)), PASS);
-    assert_eq!(e.vm_receives(&in6f(SYN | ACK)), PASS);
-    assert_eq!(e.vm_sends(&out6f(ACK)), PASS);
+    e.handshake(out6f, in6f);
     let [cached, fast] = e.delta([STAT_FLOW_CACHE, STAT_CT_FAST], || {
         for _ in 0..3 {
             assert_eq!(e.vm_sends(&out6f(ACK)), PASS);

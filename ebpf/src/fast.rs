@@ -72,8 +72,10 @@ const _: () = assert!(core::mem::size_of::<KeyWords>() >= core::mem::size_of::<C
 /// Bytes 8..12 of a v4-mapped address (`::ffff:a.b.c.d`), as the word they read as.
 const V4_MAPPED_W2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
+/// DHCP and DHCPv6 ports: such datagrams are left to the full path (rogue-server check,
+/// infrastructure), by this path and by the flow cache.
 #[inline(always)]
-fn dhcp_port(p: u16) -> bool {
+pub fn dhcp_port(p: u16) -> bool {
     matches!(p, 67 | 68 | 546 | 547)
 }
 

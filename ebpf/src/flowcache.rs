@@ -36,6 +36,7 @@ use bulkhead_abi::*;
 
 use crate::{
     datapath::{count_raw, PASS},
+    fast::dhcp_port,
     maps::{stat, CPU_STATE, FLOW_GEN},
     parse::{Pkt, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -187,11 +188,6 @@ fn same_tuple(a: &FlowSlot, b: &FlowSlot) -> bool {
         && a.ports == b.ports
         && a.proto == b.proto
         && a.dir == b.dir
-}
-
-#[inline(always)]
-fn dhcp_port(p: u16) -> bool {
-    matches!(p, 67 | 68 | 546 | 547)
 }
 
 /// `PASS` for a packet of a cached flow (counted), or `None` for the fast path.
