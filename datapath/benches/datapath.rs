@@ -493,6 +493,9 @@ struct NetnsBench {
     tables_10: HostTables,
     tables_100k: HostTables,
     bindings: HashMap<String, u32>,
+    /// The rule count of the tables last applied (applying 100k rules takes a while; the
+    /// interleaved part switches conditions hundreds of times).
+    applied: Option<usize>,
     _pins: PinRoot,
 }
 
@@ -553,6 +556,7 @@ impl NetnsBench {
             tables_10,
             tables_100k,
             bindings,
+            applied: None,
             _pins: pins,
         }
     }
@@ -572,12 +576,15 @@ impl NetnsBench {
                 }
             }
             Enforcement::Bulkhead(n) => {
-                let t = if n == 10 {
-                    &self.tables_10
-                } else {
-                    &self.tables_100k
-                };
-                self.tables.apply(t, &self.bindings).expect("apply");
+                if self.applied != Some(n) {
+                    let t = if n == 10 {
+                        &self.tables_10
+                    } else {
+                        &self.tables_100k
+                    };
+                    self.tables.apply(t, &self.bindings).expect("apply");
+                    self.applied = Some(n);
+                }
                 for ifindex in [self.client.ifindex, self.server.ifindex] {
                     self.dp.attach(ifindex).expect("attach");
                 }
@@ -735,6 +742,108 @@ fn bench_namespaces() {
     bench_real_path_cost(&mut b, secs, dur);
 }
 
+/// Transactions per second on an open connection for `dur`, after `warmup` transactions.
+fn rr_window(s: &mut std::net::TcpStream, warmup: u32, dur: Duration) -> f64 {
+    let mut b = [0u8; 1];
+    for _ in 0..warmup {
+        s.write_all(b"x").expect("RR write");
+        s.read_exact(&mut b).expect("RR read");
+    }
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < dur {
+        s.write_all(b"x").expect("RR write");
+        s.read_exact(&mut b).expect("RR read");
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Mean and the half-width of its 95 % confidence interval (normal approximation).
+fn mean_ci95(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, 1.96 * (var / n).sqrt())
+}
+
+/// Part 2b: request/response on one long-lived connection while the enforcement under it is
+/// switched every `BENCH_WINDOW_MS` (default 250): no program, the empty program, bulkhead
+/// at 100k rules, in rotated order, `BENCH_CYCLES` (default 60) times. The tables stay
+/// applied and only the TCX links come and go, so a switch takes milliseconds and the three
+/// conditions are measured within a second of each other, again and again: slow drifts of a
+/// shared host's load (what makes whole-run comparisons swing by several percent) fall on
+/// all three alike, and the per-cycle ratios give a confidence interval.
+fn bench_rr_interleaved() {
+    let cpu = BENCH_CPU.min(num_cpus() - 1);
+    pin_to_cpu(cpu);
+    let env_num = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(d)
+    };
+    let (cycles, window) = if quick() {
+        (3, Duration::from_millis(100))
+    } else {
+        (
+            env_num("BENCH_CYCLES", 60) as usize,
+            Duration::from_millis(env_num("BENCH_WINDOW_MS", 250)),
+        )
+    };
+    let mut b = NetnsBench::new();
+    let conditions = [
+        Enforcement::None,
+        Enforcement::EmptyProgram,
+        Enforcement::Bulkhead(100_000),
+    ];
+    // Apply the tables once, before the connection opens.
+    let first = b.install(Enforcement::Bulkhead(100_000));
+    b.clear(first);
+    let to = b.echo_addr();
+    let mut s = b
+        .client
+        .enter(move || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)))
+        .expect("enter client")
+        .expect("connect to the echo server");
+    s.set_nodelay(true).expect("nodelay");
+    s.set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("read timeout");
+    let load_before = load_average();
+    let mut rates: HashMap<String, Vec<f64>> = HashMap::new();
+    for cycle in 0..cycles {
+        for i in 0..conditions.len() {
+            let c = conditions[(i + cycle) % conditions.len()];
+            let installed = b.install(c);
+            let rate = rr_window(&mut s, 200, window);
+            rates.entry(c.label()).or_default().push(rate);
+            b.clear(installed);
+        }
+    }
+    let load_after = load_average();
+    let none = &rates[&Enforcement::None.label()];
+    println!(
+        "### RR on one connection, enforcement switched under it ({cycles} cycles of {} ms per condition, rotated; CPU {cpu}; load average {load_before} → {load_after})\n",
+        window.as_millis()
+    );
+    println!("| enforcement | RR txn/s (median) | vs none, per cycle: median (p25–p75) | mean ± 95 % CI | all windows pooled |");
+    println!("|---|---|---|---|---|");
+    for c in conditions {
+        let l = c.label();
+        let v = &rates[&l];
+        let ratios: Vec<f64> = v.iter().zip(none).map(|(x, n)| x / n).collect();
+        let (mean, ci) = mean_ci95(&ratios);
+        println!(
+            "| {l} | {:.0} | {} | {mean:.3}x ± {ci:.3} | {:.3}x |",
+            quantile(v, 0.5),
+            ratio_cell(&ratios),
+            v.iter().sum::<f64>() / none.iter().sum::<f64>()
+        );
+    }
+    println!();
+}
+
 /// The programs' own cost per run in the real path (kernel run-time statistics), during one
 /// iperf3 and one RR run: what `BPF_PROG_TEST_RUN` measures, but with the caches, packet
 /// sizes and CPUs of real traffic.
@@ -856,6 +965,9 @@ fn main() {
     }
     if want("netns") {
         bench_namespaces();
+    }
+    if want("rr-interleaved") {
+        bench_rr_interleaved();
     }
     if args.iter().any(|a| a == "netns-cost") {
         // Only the real-path program cost (quick to repeat while optimising).
