@@ -692,8 +692,15 @@ fn count(c: &Cx, rule: u32, outcome: u8, now: u64) {
 
 #[inline(always)]
 pub fn count_raw(gen: u32, slot: u32, dir: u8, len: u32, rule: u32, outcome: u8, now: u64) {
+    count_rule(rule_stats_index(gen, rule), len, now);
+    count_endpoint(slot, dir, len, outcome, now);
+}
+
+/// One packet of `len` bytes for the rule at `RULE_STATS[index]`, last hit at `now`.
+#[inline(always)]
+pub fn count_rule(index: u32, len: u32, now: u64) {
     // Stamps only move forward: a flow-cache hit stamps the time its slot was filled.
-    if let Some(r) = RULE_STATS.get_ptr_mut(rule_stats_index(gen, rule)) {
+    if let Some(r) = RULE_STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU value.
         let r = unsafe { &mut *r };
         r.packets += 1;
@@ -702,6 +709,11 @@ pub fn count_raw(gen: u32, slot: u32, dir: u8, len: u32, rule: u32, outcome: u8,
             r.last_hit_ns = now;
         }
     }
+}
+
+/// One packet of `len` bytes in direction `dir` for the endpoint at `EP_STATS[slot]`.
+#[inline(always)]
+pub fn count_endpoint(slot: u32, dir: u8, len: u32, outcome: u8, now: u64) {
     if let Some(s) = EP_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value.
         let s = unsafe { &mut *s };

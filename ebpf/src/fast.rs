@@ -29,7 +29,7 @@ use core::ffi::c_void;
 use crate::{
     conntrack,
     datapath::{count_raw, PASS},
-    flowcache::{self, FlowSlot},
+    flowcache,
     maps::{stat, CONNTRACK, CPU_STATE},
     parse::{IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -316,24 +316,24 @@ fn try_established(
         now,
     );
     if let Some((saddr, daddr)) = v4 {
-        flowcache::fill(FlowSlot {
-            valid_until: flowcache::jiffies() + flowcache::lifetime(now, expiry),
-            stamp_ns: now,
-            ifindex,
-            epoch: cfg.epoch,
-            saddr,
-            daddr,
-            ports,
-            rule: e.rule,
-            ep_slot: ep.slot,
-            mac_lo,
-            mac_hi,
-            proto,
-            dir,
-            gen,
-            outcome,
-            _pad: 0,
-        });
+        flowcache::fill(
+            flowcache::pair(saddr, daddr),
+            flowcache::pair(ports, ifindex),
+            flowcache::tag(cfg.epoch, proto, dir),
+            |s| {
+                s.valid_until = flowcache::jiffies() + flowcache::lifetime(now, expiry);
+                s.stamp_ns = now;
+                s.mac = if dir == DIR_EGRESS {
+                    flowcache::mac_word(&ep.mac)
+                } else {
+                    0
+                };
+                s.rule_index = rule_stats_index(cfg.generation(), e.rule);
+                s.ep_slot = ep.slot;
+                s.gen = gen;
+                s.outcome = outcome;
+            },
+        );
     }
     Some(PASS)
 }

@@ -35,8 +35,7 @@ use aya_ebpf::{helpers::bpf_jiffies64, programs::TcContext};
 use bulkhead_abi::*;
 
 use crate::{
-    datapath::{count_raw, PASS},
-    fast::dhcp_port,
+    datapath::{count_endpoint, count_rule, PASS},
     maps::{stat, CPU_STATE, FLOW_GEN},
     parse::{Pkt, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -47,38 +46,56 @@ pub const FLOW_SETS: usize = 128;
 /// Slots per set: the most recently filled first.
 pub const FLOW_WAYS: usize = 2;
 
-/// One cached flow: the tuple as the packet carries it (words as read from the packet,
-/// network byte order) and what the hit path needs to pass and count the packet.
+/// One cached flow: the tuple as the packet carries it, packed into three words the hit
+/// path compares whole (loads from the packet in network byte order, as they lie), and what
+/// it needs to pass and count the packet.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FlowSlot {
+    /// Source address in the low half, destination in the high half (packet bytes 26..34).
+    pub addrs: u64,
+    /// The ports word (packet bytes 34..38, source port first) in the low half, the
+    /// interface in the high half.
+    pub ports_if: u64,
+    /// Policy epoch, protocol and direction (see [`tag`]).
+    pub tag: u64,
     /// `bpf_jiffies64()` until which the slot may be used; 0 = empty.
     pub valid_until: u64,
     /// `bpf_ktime_get_coarse_ns()` when the fast path filled the slot: the last-hit stamp
     /// hits write (exact to within the slot's lifetime).
     pub stamp_ns: u64,
-    pub ifindex: u32,
-    pub epoch: u32,
-    pub saddr: u32,
-    pub daddr: u32,
-    /// Source port in the low half, destination port in the high half (as read).
-    pub ports: u32,
-    pub rule: u32,
+    /// The VM's MAC as [`source_mac`] reads it, compared on packets the VM sends.
+    pub mac: u64,
+    /// `RULE_STATS` index of the rule that admitted the flow (in the slot's epoch).
+    pub rule_index: u32,
     pub ep_slot: u32,
-    /// The VM's MAC (bytes 0..4 and 4..6), compared on packets the VM sends.
-    pub mac_lo: u32,
-    pub mac_hi: u16,
-    pub proto: u8,
-    pub dir: u8,
     /// `FLOW_GEN` of the flow when the fast path looked its entry up.
     pub gen: u32,
     /// `ACTION_ALLOW` or `ACTION_MONITOR`: what the counters record.
     pub outcome: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
 
 // One cache line per slot (where the per-CPU value's placement lets it be).
 const _: () = assert!(core::mem::size_of::<FlowSlot>() == 64);
+
+/// A slot's `tag`: whatever else must match besides addresses, ports and interface.
+#[inline(always)]
+pub fn tag(epoch: u32, proto: u8, dir: u8) -> u64 {
+    u64::from(epoch) | u64::from(proto) << 32 | u64::from(dir) << 40
+}
+
+/// A slot's `addrs` or `ports_if` from two words.
+#[inline(always)]
+pub fn pair(lo: u32, hi: u32) -> u64 {
+    u64::from(lo) | u64::from(hi) << 32
+}
+
+/// A MAC address as [`source_mac`] reads it from a frame.
+#[inline(always)]
+pub fn mac_word(m: &[u8; 6]) -> u64 {
+    u64::from_le_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 0, 0])
+}
 
 /// Entries of `FLOW_GEN`.
 pub const FLOW_GENS: u32 = 4096;
@@ -110,6 +127,21 @@ mod pkt {
         v as u32
     }
 
+    /// A 64-bit word at `p`, as it lies in memory.
+    ///
+    /// # Safety
+    /// As for [`word`], for eight bytes.
+    #[inline(always)]
+    pub unsafe fn dword(p: usize) -> u64 {
+        let v: u64;
+        // SAFETY: per the caller.
+        unsafe {
+            asm!("{v} = *(u64 *)({p} + 0)", p = in(reg) p, v = lateout(reg) v,
+                 options(readonly, nostack, preserves_flags));
+        }
+        v
+    }
+
     /// A 16-bit half word at `p`, as it lies in memory.
     ///
     /// # Safety
@@ -137,9 +169,12 @@ mod pkt {
 }
 
 #[inline(always)]
-fn set_index(ifindex: u32, saddr: u32, daddr: u32, ports: u32) -> usize {
+fn set_index(addrs: u64, ports_if: u64) -> usize {
     // Multiplicative hashing of a fold of the tuple: cheap, and a slot is checked in full.
-    let x = saddr ^ daddr.rotate_left(16) ^ ports ^ ifindex.rotate_left(8);
+    let x = (addrs as u32)
+        ^ ((addrs >> 32) as u32).rotate_left(16)
+        ^ ports_if as u32
+        ^ ((ports_if >> 32) as u32).rotate_left(8);
     (x.wrapping_mul(0x9e37_79b1) >> 25) as usize % FLOW_SETS
 }
 
@@ -179,20 +214,21 @@ pub fn invalidate(p: &Pkt) {
     }
 }
 
-/// Whether two slots are for the same packet-direction tuple.
+/// Whether a slot is for this packet-direction tuple in this epoch.
 #[inline(always)]
-fn same_tuple(a: &FlowSlot, b: &FlowSlot) -> bool {
-    a.ifindex == b.ifindex
-        && a.saddr == b.saddr
-        && a.daddr == b.daddr
-        && a.ports == b.ports
-        && a.proto == b.proto
-        && a.dir == b.dir
+fn is_flow(s: &FlowSlot, addrs: u64, ports_if: u64, tag: u64) -> bool {
+    s.addrs == addrs && s.ports_if == ports_if && s.tag == tag
 }
 
 /// `PASS` for a packet of a cached flow (counted), or `None` for the fast path.
+///
+/// Kept short on purpose: in the real path a hit costs mostly the cache lines it touches
+/// (its own instructions among them), and what it evicts costs the network stack later.
 #[inline(always)]
 pub fn hit(ctx: &TcContext, dir: u8, ifindex: u32, cfg: &Config) -> Option<i32> {
+    // The per-CPU value first: fewer values live across the lookup (a helper call to the
+    // compiler), so fewer stack slots in a frame shared with the full path.
+    let st = CPU_STATE.get_ptr(0)?;
     let data = ctx.data();
     let end = ctx.data_end();
     if data + V4_MIN > end {
@@ -200,46 +236,30 @@ pub fn hit(ctx: &TcContext, dir: u8, ifindex: u32, cfg: &Config) -> Option<i32> 
     }
     // SAFETY (every load below): within `data..data + V4_MIN`, checked above, or within
     // `data..data + V4_TCP` where checked.
-    if unsafe { pkt::half(data + 12) } != 0x0800u16.to_be()
-        || unsafe { pkt::byte(data + 14) } != 0x45
+    // Ethertype IPv4 (bytes 12..14) and version 4 with a 20-byte header (byte 14); neither a
+    // later fragment nor a first one (bytes 20..22: MF and offset clear).
+    if unsafe { pkt::word(data + 12) } & 0x00ff_ffff != 0x0045_0008
         || unsafe { pkt::half(data + 20) } & 0x3fffu16.to_be() != 0
     {
         return None;
     }
-    let saddr = unsafe { pkt::word(data + 26) };
-    let daddr = unsafe { pkt::word(data + 30) };
-    let ports = unsafe { pkt::word(data + 34) };
     let proto = unsafe { pkt::byte(data + 23) };
-    if proto == IPPROTO_TCP {
-        if data + V4_TCP > end {
-            return None;
-        }
-        if unsafe { pkt::byte(data + 47) } & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
-            return None;
-        }
-    } else if proto == IPPROTO_UDP {
-        let (sport, dport) = (
-            u16::from_be(ports as u16),
-            u16::from_be((ports >> 16) as u16),
-        );
-        if dhcp_port(sport) || dhcp_port(dport) {
-            return None;
-        }
-    } else {
+    // Only TCP and UDP flows outside the DHCP ports are ever filled (the fast path takes
+    // nothing else), so a packet of another protocol or port cannot match a slot; a TCP
+    // packet that would change the flow's state goes on.
+    if proto == IPPROTO_TCP
+        && (data + V4_TCP > end
+            || unsafe { pkt::byte(data + 47) } & (TCP_SYN | TCP_FIN | TCP_RST) != 0)
+    {
         return None;
     }
-    let st = CPU_STATE.get_ptr(0)?;
+    let addrs = unsafe { pkt::dword(data + 26) };
+    let ports = unsafe { pkt::word(data + 34) };
+    let ports_if = pair(ports, ifindex);
+    let tag = tag(cfg.epoch, proto, dir);
     // SAFETY: per-CPU value, used by this packet only (TC programs do not nest on a CPU).
-    let set = unsafe { (*st).flows.get(set_index(ifindex, saddr, daddr, ports))? };
-    let is = |s: &FlowSlot| {
-        s.epoch == cfg.epoch
-            && s.ifindex == ifindex
-            && s.saddr == saddr
-            && s.daddr == daddr
-            && s.ports == ports
-            && s.proto == proto
-            && s.dir == dir
-    };
+    let set = unsafe { (*st).flows.get(set_index(addrs, ports_if))? };
+    let is = |s: &FlowSlot| is_flow(s, addrs, ports_if, tag);
     let s = if is(&set[0]) {
         &set[0]
     } else if is(&set[1]) {
@@ -247,31 +267,31 @@ pub fn hit(ctx: &TcContext, dir: u8, ifindex: u32, cfg: &Config) -> Option<i32> 
     } else {
         return None;
     };
-    if current_gen(saddr, daddr, ports) != s.gen {
+    if dir == DIR_EGRESS && unsafe { source_mac(data) } != s.mac {
         return None;
     }
-    if dir == DIR_EGRESS
-        && (unsafe { pkt::word(data + 6) } != s.mac_lo
-            || unsafe { pkt::half(data + 10) } != s.mac_hi)
+    if current_gen(addrs as u32, (addrs >> 32) as u32, ports) != s.gen
+        // The verifier turns this helper into a load of `jiffies`: no call (a call's
+        // return goes through a mitigation thunk on CPUs that need one).
+        || jiffies() >= s.valid_until
     {
         return None;
     }
-    // The verifier turns this helper into a load of `jiffies`: no call (a call's return
-    // goes through a mitigation thunk on CPUs that need one).
-    if jiffies() >= s.valid_until {
-        return None;
-    }
     stat(STAT_FLOW_CACHE);
-    count_raw(
-        cfg.generation(),
-        s.ep_slot,
-        dir,
-        ctx.len(),
-        s.rule,
-        s.outcome,
-        s.stamp_ns,
-    );
+    let len = ctx.len();
+    count_rule(s.rule_index, len, s.stamp_ns);
+    count_endpoint(s.ep_slot, dir, len, s.outcome, s.stamp_ns);
     Some(PASS)
+}
+
+/// The frame's source MAC (bytes 6..12) in the low six bytes: one load of bytes 4..12.
+///
+/// # Safety
+/// Reads `data + 4..data + 12`: the caller has checked at least that much of the frame.
+#[inline(always)]
+unsafe fn source_mac(data: usize) -> u64 {
+    // SAFETY: per the caller.
+    unsafe { pkt::dword(data + 4) >> 16 }
 }
 
 /// How many jiffies a slot filled at `now` may live for an entry expiring at `expires`:
@@ -289,20 +309,25 @@ pub fn jiffies() -> u64 {
     unsafe { bpf_jiffies64() }
 }
 
-/// Remember a flow the fast path has just passed (IPv4 only), for `FLOW_CACHE_TTL` or
-/// until its conntrack entry expires, whichever is first.
+/// Remember a flow the fast path has just passed (IPv4 only): claims the first way of the
+/// tuple's set (its flow moves to the second way, unless it is this one) and lets `write`
+/// set the rest of the slot in place (a slot built on the stack would grow the fast path's
+/// frame past what the verifier allows with the main program's).
 #[inline(always)]
-pub fn fill(slot: FlowSlot) {
+pub fn fill(addrs: u64, ports_if: u64, tag: u64, write: impl FnOnce(&mut FlowSlot)) {
     let Some(st) = CPU_STATE.get_ptr_mut(0) else {
         return;
     };
-    let i = set_index(slot.ifindex, slot.saddr, slot.daddr, slot.ports);
     // SAFETY: per-CPU value, used by this packet only.
-    if let Some(set) = unsafe { (*st).flows.get_mut(i) } {
-        // The set's most recent flow moves to the second way, unless this is that flow.
-        if !same_tuple(&set[0], &slot) {
-            set[1] = set[0];
-        }
-        set[0] = slot;
+    let Some(set) = (unsafe { (*st).flows.get_mut(set_index(addrs, ports_if)) }) else {
+        return;
+    };
+    if !is_flow(&set[0], addrs, ports_if, tag) {
+        set[1] = set[0];
     }
+    let s = &mut set[0];
+    s.addrs = addrs;
+    s.ports_if = ports_if;
+    s.tag = tag;
+    write(s);
 }
