@@ -11,6 +11,10 @@
 //!    than bound by idle vCPUs' wake-up latency; each condition's ratio is taken against the
 //!    baseline of the same round. Then the programs' own cost per run in this real path, from
 //!    the kernel's run-time statistics (`-- netns-cost` runs only that);
+//!    `-- rr-interleaved`: request/response on one connection while no program, the empty
+//!    program and this datapath at 100k rules take turns under it every 250 ms, on one CPU
+//!    and on two (`BENCH_CYCLES`, `BENCH_WINDOW_MS`, `BENCH_PLACEMENT=one|two`): the
+//!    tightest comparison a noisy host allows, with a confidence interval;
 //! 3. flow events from the kernel to a reader thread through the ring buffer: denied packets
 //!    offered paced at 100k/s and unpaced, every event delivered or counted as suppressed.
 //!
@@ -767,16 +771,26 @@ fn mean_ci95(v: &[f64]) -> (f64, f64) {
     (mean, 1.96 * (var / n).sqrt())
 }
 
+/// Where the two ends of the interleaved RR run.
+#[derive(Clone, Copy)]
+enum Placement {
+    /// Client, server and all their softirq work on one CPU: every nanosecond of the
+    /// datapath shows (the worst case for a per-packet cost).
+    OneCpu(usize),
+    /// Server on one CPU, client on another, as two VMs' vCPUs are: each transaction also
+    /// waits for two cross-CPU wake-ups.
+    TwoCpus { client: usize, server: usize },
+}
+
 /// Part 2b: request/response on one long-lived connection while the enforcement under it is
 /// switched every `BENCH_WINDOW_MS` (default 250): no program, the empty program, bulkhead
-/// at 100k rules, in rotated order, `BENCH_CYCLES` (default 60) times. The tables stay
-/// applied and only the TCX links come and go, so a switch takes milliseconds and the three
-/// conditions are measured within a second of each other, again and again: slow drifts of a
-/// shared host's load (what makes whole-run comparisons swing by several percent) fall on
-/// all three alike, and the per-cycle ratios give a confidence interval.
+/// at 100k rules, in rotated order, `BENCH_CYCLES` (default 60) times, in each placement.
+/// The tables stay applied and only the TCX links come and go, so a switch takes
+/// milliseconds and the three conditions are measured within a second of each other, again
+/// and again: slow drifts of a shared host's load (what makes whole-run comparisons swing by
+/// several percent) fall on all three alike, and the per-cycle ratios give a confidence
+/// interval.
 fn bench_rr_interleaved() {
-    let cpu = BENCH_CPU.min(num_cpus() - 1);
-    pin_to_cpu(cpu);
     let env_num = |k: &str, d: u64| {
         std::env::var(k)
             .ok()
@@ -792,7 +806,34 @@ fn bench_rr_interleaved() {
             Duration::from_millis(env_num("BENCH_WINDOW_MS", 250)),
         )
     };
+    // `BENCH_PLACEMENT=one` or `two`: only that placement.
+    let only = std::env::var("BENCH_PLACEMENT").unwrap_or_default();
+    let last = num_cpus() - 1;
+    let mut placements = Vec::new();
+    if only != "two" {
+        placements.push(Placement::OneCpu(BENCH_CPU.min(last)));
+    }
+    if last >= 1 && only != "one" {
+        placements.push(Placement::TwoCpus {
+            client: 0,
+            server: BENCH_CPU.max(1).min(last),
+        });
+    }
+    for placement in placements {
+        rr_interleaved(placement, cycles, window);
+    }
+}
+
+fn rr_interleaved(placement: Placement, cycles: usize, window: Duration) {
+    // The echo server's thread starts in `NetnsBench::new` and keeps the affinity it
+    // inherits; the RR loop runs on this thread.
+    let (client_cpu, server_cpu) = match placement {
+        Placement::OneCpu(cpu) => (cpu, cpu),
+        Placement::TwoCpus { client, server } => (client, server),
+    };
+    pin_to_cpu(server_cpu);
     let mut b = NetnsBench::new();
+    pin_to_cpu(client_cpu);
     let conditions = [
         Enforcement::None,
         Enforcement::EmptyProgram,
@@ -823,8 +864,14 @@ fn bench_rr_interleaved() {
     }
     let load_after = load_average();
     let none = &rates[&Enforcement::None.label()];
+    let place = match placement {
+        Placement::OneCpu(cpu) => format!("client and server on CPU {cpu}"),
+        Placement::TwoCpus { client, server } => {
+            format!("client on CPU {client}, server on CPU {server}")
+        }
+    };
     println!(
-        "### RR on one connection, enforcement switched under it ({cycles} cycles of {} ms per condition, rotated; CPU {cpu}; load average {load_before} → {load_after})\n",
+        "### RR on one connection, enforcement switched under it: {place} ({cycles} cycles of {} ms per condition, rotated; load average {load_before} → {load_after})\n",
         window.as_millis()
     );
     println!("| enforcement | RR txn/s (median) | vs none, per cycle: median (p25–p75) | mean ± 95 % CI | all windows pooled |");
