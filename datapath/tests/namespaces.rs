@@ -293,6 +293,42 @@ fn vlan_tagged_frames_from_a_vm_are_dropped() {
     );
 }
 
+/// Nor does a VM receive tagged frames: here they come from a bridge port without the
+/// datapath (as from a trunk uplink; the kernel moves the tag into the metadata on the way
+/// in, and the bridge forwards it so), carrying UDP the policy allows to the VM.
+#[test]
+fn vlan_tagged_frames_to_a_vm_are_dropped() {
+    let Some(mut s) = setup("ns-vlan-in", 2) else {
+        return;
+    };
+    let (uplink, db) = (s.lab.vms[0].clone(), s.lab.vms[1].clone());
+    s.apply(&client_server_rules());
+    s.dp.detach(uplink.ifindex)
+        .expect("detach the uplink's port");
+    let _dns = db.serve(DNS).expect("serve");
+    assert!(
+        uplink.udp_works(v4(&db, DNS), T),
+        "untagged, the datagram passes"
+    );
+    let frame = tagged_udp(&uplink, &db, 10, DNS);
+    let before = s.tables.maps().stat(STAT_DROP_VLAN).expect("stat");
+    let sent = uplink
+        .enter(move || send_raw(&frame))
+        .expect("enter the uplink")
+        .expect("send a raw frame from the uplink");
+    assert_eq!(sent, 3);
+    let after = s.tables.maps().stat(STAT_DROP_VLAN).expect("stat");
+    assert_eq!(
+        after - before,
+        3,
+        "every tagged frame dropped on its way to the VM"
+    );
+    assert!(
+        uplink.udp_works(v4(&db, DNS), T),
+        "untagged traffic still passes"
+    );
+}
+
 /// An Ethernet frame with an 802.1Q tag carrying IPv4/UDP from `from` to `to`.
 fn tagged_udp(from: &Vm, to: &Vm, vlan: u16, port: u16) -> Vec<u8> {
     let payload = b"tagged";

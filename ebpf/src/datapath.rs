@@ -48,9 +48,10 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
         stat(STAT_PACKETS);
         return PASS;
     }
-    // A tag the VM put on its frame is in the metadata by now (the frame's data is what it
-    // carried inside): no VM picks its own segment.
-    if dir == DIR_EGRESS && vlan != 0 {
+    // A frame's 802.1Q tag is in the metadata by now (the frame's data is what it carried
+    // inside). From a VM: no VM picks its own segment. To a VM: the frame would reach it
+    // tagged, another segment's traffic (from a trunk, say) on a VLAN interface of its own.
+    if vlan != 0 {
         stat(STAT_PACKETS);
         stat(STAT_DROP_VLAN);
         return DROP;
