@@ -17,7 +17,7 @@ cargo test "${CRATES[@]:2}"
 cargo run -q -p bulkhead-cli -- policy validate -p policies
 cargo run -q -p bulkhead-cli -- policy lint -p policies --deny-findings
 # The benchmarks must keep working: short smoke runs (full runs: BENCHMARKS.md).
-BENCH_QUICK=1 cargo bench -p bulkhead-datapath --bench datapath -- testrun events rr-interleaved
+BENCH_QUICK=1 cargo bench -p bulkhead-datapath --bench datapath -- testrun events rr-interleaved stream-interleaved
 cargo run --release -q -p bulkhead-policy --example bench -- 1000 50 200 10 10
 cargo run --release -q -p bulkhead-controller --example fanout -- 20
 cargo build --release -q -p bulkhead-controller

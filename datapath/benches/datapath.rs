@@ -15,6 +15,7 @@
 //!    program and this datapath at 100k rules take turns under it every 250 ms, on one CPU
 //!    and on two (`BENCH_CYCLES`, `BENCH_WINDOW_MS`, `BENCH_PLACEMENT=one|two`): the
 //!    tightest comparison a noisy host allows, with a confidence interval;
+//!    `-- stream-interleaved` does the same for one TCP stream's throughput;
 //! 3. flow events from the kernel to a reader thread through the ring buffer: denied packets
 //!    offered paced at 100k/s and unpaced, every event delivered or counted as suppressed.
 //!
@@ -782,7 +783,7 @@ enum Placement {
     TwoCpus { client: usize, server: usize },
 }
 
-/// Part 2b: request/response on one long-lived connection while the enforcement under it is
+/// Part 2b: request/response (or one stream) on one long-lived connection while the enforcement under it is
 /// switched every `BENCH_WINDOW_MS` (default 250): no program, the empty program, bulkhead
 /// at 100k rules, in rotated order, `BENCH_CYCLES` (default 60) times, in each placement.
 /// The tables stay applied and only the TCX links come and go, so a switch takes
@@ -790,7 +791,7 @@ enum Placement {
 /// and again: slow drifts of a shared host's load (what makes whole-run comparisons swing by
 /// several percent) fall on all three alike, and the per-cycle ratios give a confidence
 /// interval.
-fn bench_rr_interleaved() {
+fn bench_interleaved(workload: Workload) {
     let env_num = |k: &str, d: u64| {
         std::env::var(k)
             .ok()
@@ -820,19 +821,59 @@ fn bench_rr_interleaved() {
         });
     }
     for placement in placements {
-        rr_interleaved(placement, cycles, window);
+        interleaved(workload, placement, cycles, window);
     }
 }
 
-fn rr_interleaved(placement: Placement, cycles: usize, window: Duration) {
-    // The echo server's thread starts in `NetnsBench::new` and keeps the affinity it
-    // inherits; the RR loop runs on this thread.
+/// What runs on the connection while the enforcement is switched under it.
+#[derive(Clone, Copy, PartialEq)]
+enum Workload {
+    /// 1-byte request, 1-byte response (transactions per second).
+    Rr,
+    /// One TCP stream, 64 KiB writes into a reader that discards (Gbit/s written).
+    Stream,
+}
+
+/// Bytes written per second on `s` for `dur`, as Gbit/s (the socket's buffers hold ~4 MiB,
+/// well under 1 % of a 250 ms window at these rates).
+fn stream_window(s: &mut std::net::TcpStream, buf: &[u8], dur: Duration) -> f64 {
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    while start.elapsed() < dur {
+        s.write_all(buf).expect("stream write");
+        bytes += buf.len() as u64;
+    }
+    bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+}
+
+fn interleaved(workload: Workload, placement: Placement, cycles: usize, window: Duration) {
+    // The echo server's and the sink's threads start on the server's CPU and keep it; the
+    // client's loop runs on this thread.
     let (client_cpu, server_cpu) = match placement {
         Placement::OneCpu(cpu) => (cpu, cpu),
         Placement::TwoCpus { client, server } => (client, server),
     };
     pin_to_cpu(server_cpu);
     let mut b = NetnsBench::new();
+    let port = if workload == Workload::Rr {
+        b.echo_addr().port()
+    } else {
+        // A reader that discards, on a port the benchmark's policy allows.
+        let addr = SocketAddr::new(IpAddr::V4(b.server.ipv4), SERVER_PORTS[0]);
+        let listener = b
+            .server
+            .enter(move || std::net::TcpListener::bind(addr))
+            .expect("enter server")
+            .expect("bind the sink");
+        std::thread::spawn(move || {
+            let Ok((mut c, _)) = listener.accept() else {
+                return;
+            };
+            let mut buf = vec![0u8; 1 << 16];
+            while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+        });
+        SERVER_PORTS[0]
+    };
     pin_to_cpu(client_cpu);
     let conditions = [
         Enforcement::None,
@@ -842,22 +883,32 @@ fn rr_interleaved(placement: Placement, cycles: usize, window: Duration) {
     // Apply the tables once, before the connection opens.
     let first = b.install(Enforcement::Bulkhead(100_000));
     b.clear(first);
-    let to = b.echo_addr();
+    let to = SocketAddr::new(IpAddr::V4(b.server.ipv4), port);
     let mut s = b
         .client
         .enter(move || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)))
         .expect("enter client")
-        .expect("connect to the echo server");
+        .expect("connect to the server");
     s.set_nodelay(true).expect("nodelay");
     s.set_read_timeout(Some(Duration::from_secs(1)))
         .expect("read timeout");
+    s.set_write_timeout(Some(Duration::from_secs(1)))
+        .expect("write timeout");
+    let buf = vec![0x5au8; 1 << 16];
     let load_before = load_average();
     let mut rates: HashMap<String, Vec<f64>> = HashMap::new();
     for cycle in 0..cycles {
         for i in 0..conditions.len() {
             let c = conditions[(i + cycle) % conditions.len()];
             let installed = b.install(c);
-            let rate = rr_window(&mut s, 200, window);
+            let rate = match workload {
+                Workload::Rr => rr_window(&mut s, 200, window),
+                Workload::Stream => {
+                    // Warm-up: the stream's window and the caches settle after the switch.
+                    stream_window(&mut s, &buf, window / 10);
+                    stream_window(&mut s, &buf, window)
+                }
+            };
             rates.entry(c.label()).or_default().push(rate);
             b.clear(installed);
         }
@@ -870,11 +921,15 @@ fn rr_interleaved(placement: Placement, cycles: usize, window: Duration) {
             format!("client on CPU {client}, server on CPU {server}")
         }
     };
+    let (what, unit, digits) = match workload {
+        Workload::Rr => ("RR on one connection", "RR txn/s", 0),
+        Workload::Stream => ("One TCP stream", "Gbit/s", 2),
+    };
     println!(
-        "### RR on one connection, enforcement switched under it: {place} ({cycles} cycles of {} ms per condition, rotated; load average {load_before} → {load_after})\n",
+        "### {what}, enforcement switched under it: {place} ({cycles} cycles of {} ms per condition, rotated; load average {load_before} → {load_after})\n",
         window.as_millis()
     );
-    println!("| enforcement | RR txn/s (median) | vs none, per cycle: median (p25–p75) | mean ± 95 % CI | all windows pooled |");
+    println!("| enforcement | {unit} (median) | vs none, per cycle: median (p25–p75) | mean ± 95 % CI | all windows pooled |");
     println!("|---|---|---|---|---|");
     for c in conditions {
         let l = c.label();
@@ -882,7 +937,7 @@ fn rr_interleaved(placement: Placement, cycles: usize, window: Duration) {
         let ratios: Vec<f64> = v.iter().zip(none).map(|(x, n)| x / n).collect();
         let (mean, ci) = mean_ci95(&ratios);
         println!(
-            "| {l} | {:.0} | {} | {mean:.3}x ± {ci:.3} | {:.3}x |",
+            "| {l} | {:.digits$} | {} | {mean:.3}x ± {ci:.3} | {:.3}x |",
             quantile(v, 0.5),
             ratio_cell(&ratios),
             v.iter().sum::<f64>() / none.iter().sum::<f64>()
@@ -1014,7 +1069,10 @@ fn main() {
         bench_namespaces();
     }
     if want("rr-interleaved") {
-        bench_rr_interleaved();
+        bench_interleaved(Workload::Rr);
+    }
+    if want("stream-interleaved") {
+        bench_interleaved(Workload::Stream);
     }
     if args.iter().any(|a| a == "netns-cost") {
         // Only the real-path program cost (quick to repeat while optimising).
