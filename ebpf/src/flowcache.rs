@@ -9,7 +9,9 @@
 //!   carries the policy epoch: a policy swap (new epoch) ends every slot, and the tables of
 //!   an epoch never change;
 //! - the hit path repeats every check that depends on the packet (Ethernet type, no IP
-//!   options, no fragment, TCP without SYN/FIN/RST, no DHCP port, the VM's source MAC);
+//!   options, no fragment, TCP without SYN/FIN/RST, the VM's source MAC); the checks that
+//!   depend on the tuple alone hold through the match (the fast path fills TCP and UDP
+//!   flows outside the DHCP ports only);
 //! - the entry behind a slot changes only through the full path (the fast path passes
 //!   packets that change nothing), and the full path bumps the flow's generation
 //!   (`FLOW_GEN`, per hash of addresses and ports, both directions alike) whenever it creates
