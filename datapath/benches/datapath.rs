@@ -15,7 +15,8 @@
 //!    program and this datapath at 100k rules take turns under it every 250 ms, on one CPU
 //!    and on two (`BENCH_CYCLES`, `BENCH_WINDOW_MS`, `BENCH_PLACEMENT=one|two`): the
 //!    tightest comparison a noisy host allows, with a confidence interval;
-//!    `-- stream-interleaved` does the same for one TCP stream's throughput;
+//!    `-- stream-interleaved` does the same for one TCP stream's throughput (one CPU unless
+//!    `BENCH_PLACEMENT=two|both`);
 //! 3. flow events from the kernel to a reader thread through the ring buffer: denied packets
 //!    offered paced at 100k/s and unpaced, every event delivered or counted as suppressed.
 //!
@@ -807,8 +808,15 @@ fn bench_interleaved(workload: Workload) {
             Duration::from_millis(env_num("BENCH_WINDOW_MS", 250)),
         )
     };
-    // `BENCH_PLACEMENT=one` or `two`: only that placement.
-    let only = std::env::var("BENCH_PLACEMENT").unwrap_or_default();
+    // `BENCH_PLACEMENT=one`, `two` or `both`. A single stream's rate on two CPUs follows the
+    // scheduler more than the datapath (per-cycle ratios of ±20 %), so streams default to one.
+    let only = std::env::var("BENCH_PLACEMENT").unwrap_or_else(|_| {
+        if workload == Workload::Stream {
+            "one".into()
+        } else {
+            "both".into()
+        }
+    });
     let last = num_cpus() - 1;
     let mut placements = Vec::new();
     if only != "two" {
