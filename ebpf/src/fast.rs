@@ -73,7 +73,7 @@ const _: () = assert!(core::mem::size_of::<KeyWords>() >= core::mem::size_of::<C
 const V4_MAPPED_W2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// DHCP and DHCPv6 ports: such datagrams are left to the full path (rogue-server check,
-/// infrastructure), by this path and by the flow cache.
+/// infrastructure). This path never passes them, so the flow cache never holds them.
 #[inline(always)]
 pub fn dhcp_port(p: u16) -> bool {
     matches!(p, 67 | 68 | 546 | 547)

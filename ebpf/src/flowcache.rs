@@ -324,7 +324,10 @@ pub fn fill(addrs: u64, ports_if: u64, tag: u64, write: impl FnOnce(&mut FlowSlo
     let Some(set) = (unsafe { (*st).flows.get_mut(set_index(addrs, ports_if)) }) else {
         return;
     };
-    if !is_flow(&set[0], addrs, ports_if, tag) {
+    // The same flow in an earlier epoch counts as this one: moving that dead slot to the
+    // second way would push out a live flow.
+    let w0 = &set[0];
+    if !(w0.addrs == addrs && w0.ports_if == ports_if && w0.tag >> 32 == tag >> 32) {
         set[1] = set[0];
     }
     let s = &mut set[0];
