@@ -149,11 +149,13 @@ fn try_established(
     let w = &h.0;
     // Packet byte b sits at byte b + 2 of `h`: the source MAC (6..12) in words 2 and 3,
     // the ethertype (12..14) in the high half of word 3.
-    let m = &ep.mac;
-    let mac_lo = u32::from_ne_bytes([m[0], m[1], m[2], m[3]]);
-    let mac_hi = u16::from_ne_bytes([m[4], m[5]]);
-    if dir == DIR_EGRESS && (w[2] != mac_lo || w[3] as u16 != mac_hi) {
-        return None;
+    if dir == DIR_EGRESS {
+        let m = &ep.mac;
+        let mac_lo = u32::from_ne_bytes([m[0], m[1], m[2], m[3]]);
+        let mac_hi = u16::from_ne_bytes([m[4], m[5]]);
+        if w[2] != mac_lo || w[3] as u16 != mac_hi {
+            return None;
+        }
     }
     let ethertype = u16::from_be((w[3] >> 16) as u16);
     // The IP header starts at word 4. The key is filled source first and swapped below.
