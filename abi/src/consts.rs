@@ -2,7 +2,7 @@
 
 /// Bumped whenever any map layout or map set changes. Pins live under
 /// `PIN_ROOT/v{LAYOUT_VERSION}`, so a loader of another layout never reuses these maps.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// bpffs directory under which each layout version gets its own subdirectory.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/bulkhead";
 

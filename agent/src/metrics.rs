@@ -139,15 +139,17 @@ impl Metrics {
                 }
             }
             self.conntrack.set(t.conntrack_entries() as i64);
-            let m = t.maps();
-            for (i, name) in STAT_NAMES.iter().enumerate() {
-                if let Ok(v) = m.stat(i as u32) {
-                    self.datapath.with_label_values(&[name]).set(v as i64);
+            match t.maps().stats() {
+                Ok(all) => {
+                    for (name, v) in STAT_NAMES.iter().zip(&all) {
+                        self.datapath.with_label_values(&[name]).set(*v as i64);
+                    }
+                    let lost = all[STAT_EVENTS_RATE_LIMITED as usize]
+                        + all[STAT_EVENTS_RING_FULL as usize];
+                    self.events_not_delivered.set(lost as i64);
                 }
+                Err(err) => tracing::warn!(%err, "reading datapath counters"),
             }
-            let lost = m.stat(STAT_EVENTS_RATE_LIMITED).unwrap_or(0)
-                + m.stat(STAT_EVENTS_RING_FULL).unwrap_or(0);
-            self.events_not_delivered.set(lost as i64);
             if let Some(a) = e.current() {
                 self.applied_commit_time.set(a.revision.commit_time_unix);
             }

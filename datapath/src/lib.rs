@@ -10,13 +10,15 @@ use std::time::Duration;
 
 mod attach;
 pub mod events;
+mod flush;
 mod tables;
 
 pub use attach::AttachOutcome;
+pub use flush::{FlowCountFlush, FLUSH_PROGRAM};
 pub use tables::{counter_stamp_unix_nanos, ApplyReport, Occupancy, RuleCounters, Tables, GRACE};
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::{RawTracePoint, SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader};
 use bulkhead_abi::*;
 
@@ -58,6 +60,10 @@ pub enum DatapathError {
     BadTables(String),
     #[error("counting CPUs: {0}")]
     Cpus(std::io::Error),
+    /// The flow cache's pending hits on `cpu` could not be flushed: this thread cannot run
+    /// there (a cpuset or affinity limit on the process), so counters lag on that CPU.
+    #[error("flushing the flow cache's counts on CPU {cpu} (the process must be allowed to run on every CPU): {source}")]
+    FlushCpu { cpu: u32, source: std::io::Error },
 }
 
 /// The loaded datapath: programs verified by this kernel, maps pinned.
@@ -124,6 +130,7 @@ impl Datapath {
             prog.load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
+        load_flush_program(&mut ebpf, &pin_dir)?;
         Ok(Self {
             ebpf,
             pin_root: pin_root.to_path_buf(),
@@ -304,6 +311,7 @@ impl Datapath {
             rule_stats: self.take("RULE_STATS")?,
             ep_stats: self.take("EP_STATS")?,
             conntrack: self.take("CONNTRACK")?,
+            flow_flush: FlowCountFlush::open(&self.pin_dir)?,
         })
     }
 
@@ -318,6 +326,27 @@ impl Datapath {
     }
 }
 
+/// Load the flush program and pin it in the layout's directory, replacing an earlier
+/// loader's, for [`FlowCountFlush::open`].
+fn load_flush_program(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
+    let name = FLUSH_PROGRAM;
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingMap(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| DatapathError::Program { name, source })?;
+    let path = pin_dir.join(name);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(DatapathError::PinDir { path, source }),
+    }
+    prog.pin(&path)
+        .map_err(|source| DatapathError::Pin { path, source })
+}
+
 /// Typed map handles.
 pub struct Maps {
     pub config: Array<MapData, Config>,
@@ -330,13 +359,28 @@ pub struct Maps {
     pub rule_stats: PerCpuArray<MapData, RuleStats>,
     pub ep_stats: PerCpuArray<MapData, EndpointStats>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// Run before reading counters (the readers here do).
+    pub flow_flush: FlowCountFlush,
 }
 
 impl Maps {
     /// Sum of one datapath counter over all CPUs. The established path counts its packets
     /// in one counter only: `STAT_CT_FAST` includes the flow cache's (`STAT_FLOW_CACHE`), and
     /// `STAT_PACKETS` and `STAT_CT_HIT` include both.
+    /// Flushes the flow cache's pending hits first (see [`FlowCountFlush`]).
     pub fn stat(&self, index: u32) -> Result<u64, DatapathError> {
+        self.flow_flush.run()?;
+        self.flushed_stat(index)
+    }
+
+    /// Every datapath counter (`STAT_COUNT`, indexed by `STAT_*`) as [`Maps::stat`] reads
+    /// it, after one flush: for readers that take them all at once.
+    pub fn stats(&self) -> Result<Vec<u64>, DatapathError> {
+        self.flow_flush.run()?;
+        (0..STAT_COUNT).map(|i| self.flushed_stat(i)).collect()
+    }
+
+    fn flushed_stat(&self, index: u32) -> Result<u64, DatapathError> {
         let raw = self.raw_stat(index)?;
         match index {
             STAT_PACKETS | STAT_CT_HIT => {

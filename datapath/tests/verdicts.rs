@@ -2508,3 +2508,79 @@ fn flow_cache_passes_only_what_the_fast_path_would() {
     });
     assert_eq!((cached, fast), (0, 6));
 }
+
+/// A flow-cache hit counts in its slot and reaches the counters when they are read (the
+/// readers run the flush program on every CPU first) or when the slot is overwritten. No
+/// hit is lost or counted twice: not when a reader looks twice, not when its generation is
+/// retired by two policy swaps (folded under the rule that admitted it, not the rule that
+/// takes its index next), not across a loader restart (the flow cache is pinned).
+#[test]
+fn flow_cache_hits_are_counted_exactly_through_swaps_and_a_restart() {
+    let Some(mut e) = env("flow-counts") else {
+        return;
+    };
+    // The cache is per CPU, and BPF_PROG_TEST_RUN runs on the caller's.
+    pin_to_current_cpu();
+    let world = [203, 0, 113, 82];
+    let sp = port();
+    let out = |flags| out4(world, 6, tcp(sp, 443, 1, 1, flags));
+    let inn = |flags| in4(world, 6, tcp(443, sp, 1, 2, flags));
+    e.handshake(out, inn);
+    let seg = out(ACK | PSH).len() as u64;
+    let sends = |e: &Env, n: usize| {
+        for _ in 0..n {
+            assert_eq!(e.vm_sends(&out(ACK | PSH)), PASS);
+        }
+    };
+
+    // Read at once, and again: exact both times.
+    let before = e.allowed();
+    let [cached] = e.delta([STAT_FLOW_CACHE], || sends(&e, 10));
+    assert_eq!(cached, 9, "the first segment is the fast path's");
+    assert_eq!(e.allowed_since(before), [10, 0, 10 * seg, 10]);
+    assert_eq!(e.allowed_since(before), [10, 0, 10 * seg, 10]);
+
+    // Hits pending in a slot of an epoch that two swaps retire: the second swap reuses the
+    // generation, under other rule names. Nothing reads counters in between.
+    let before = e.allowed();
+    sends(&e, 5);
+    let mut renamed = base_tables(0);
+    renamed.rules = renamed
+        .rules
+        .iter()
+        .map(|r| format!("renamed-{r}"))
+        .collect();
+    e.apply(&base_tables(0));
+    e.apply(&renamed);
+    assert_eq!(e.allowed_since(before), [5, 0, 5 * seg, 5]);
+    let rc = e.t.rule_counters().unwrap();
+    assert_eq!(
+        rc["renamed-r11"].packets, 0,
+        "no hit moved to the index's next rule"
+    );
+
+    // Hits pending when the loader exits are counted by the next one.
+    let [cached] = e.delta([STAT_FLOW_CACHE], || sends(&e, 6));
+    assert_eq!(
+        cached, 4,
+        "after the swaps: re-judged by the full path, then the fast path"
+    );
+    let dp_before = e.stat(STAT_FLOW_CACHE);
+    let ep_before = e.t.endpoint_stats(e.slot).unwrap();
+    sends(&e, 7);
+    let Env { t, dp, slot, root } = e;
+    drop(t);
+    drop(dp);
+    let mut dp = Datapath::load(&root.0).expect("reload datapath");
+    let t = dp.tables().expect("tables");
+    assert_eq!(t.maps().stat(STAT_FLOW_CACHE).unwrap() - dp_before, 7);
+    let ep = t.endpoint_stats(slot).unwrap();
+    assert_eq!(
+        ep.allow_packets[DIR_EGRESS as usize] - ep_before.allow_packets[DIR_EGRESS as usize],
+        7
+    );
+    assert_eq!(
+        ep.allow_bytes[DIR_EGRESS as usize] - ep_before.allow_bytes[DIR_EGRESS as usize],
+        7 * seg
+    );
+}

@@ -699,8 +699,7 @@ pub fn count_raw(gen: u32, slot: u32, dir: u8, len: u32, rule: u32, outcome: u8,
 
 /// One packet of `len` bytes for the rule at `RULE_STATS[index]`, last hit at `now`.
 #[inline(always)]
-pub fn count_rule(index: u32, len: u32, now: u64) {
-    // Stamps only move forward: a flow-cache hit stamps the time its slot was filled.
+fn count_rule(index: u32, len: u32, now: u64) {
     if let Some(r) = RULE_STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU value.
         let r = unsafe { &mut *r };
@@ -714,7 +713,7 @@ pub fn count_rule(index: u32, len: u32, now: u64) {
 
 /// One packet of `len` bytes in direction `dir` for the endpoint at `EP_STATS[slot]`.
 #[inline(always)]
-pub fn count_endpoint(slot: u32, dir: u8, len: u32, outcome: u8, now: u64) {
+fn count_endpoint(slot: u32, dir: u8, len: u32, outcome: u8, now: u64) {
     if let Some(s) = EP_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value.
         let s = unsafe { &mut *s };

@@ -324,16 +324,18 @@ fn try_established(
             flowcache::tag(cfg.epoch, proto, dir),
             |s| {
                 s.valid_until = flowcache::jiffies() + flowcache::lifetime(now, expiry);
-                s.stamp_ns = now;
                 s.mac = if dir == DIR_EGRESS {
                     flowcache::mac_word(&ep.mac)
                 } else {
                     0
                 };
                 s.rule_index = rule_stats_index(cfg.generation(), e.rule);
-                s.ep_slot = ep.slot;
+                s.ep = if outcome == ACTION_MONITOR {
+                    ep.slot | flowcache::EP_MONITOR
+                } else {
+                    ep.slot
+                };
                 s.gen = gen;
-                s.outcome = outcome;
             },
         );
     }

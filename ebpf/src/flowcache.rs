@@ -1,7 +1,16 @@
 //! The per-CPU flow cache: an exact-match cache of established IPv4 flows in front of
 //! conntrack, read straight from the packet (no helper call, no copy, no hash-table
-//! lookup). A packet that hits it passes with the counters the fast path writes; anything
-//! else goes on to the fast path (`fast.rs`), which fills the cache when it passes a packet.
+//! lookup). A packet that hits it passes, counted in its slot; anything else goes on to the
+//! fast path (`fast.rs`), which fills the cache when it passes a packet.
+//!
+//! Counting: a hit adds to its slot's `pending` (its own cache line, already read) what the
+//! fast path would add to `RULE_STATS`, `EP_STATS` and `DP_STATS` (six more lines). The
+//! fast path moves a slot's pending hits into those counters before it overwrites the slot
+//! ([`fill`]), and userspace runs the flush program ([`flush_all`]) on every CPU before it
+//! reads them, so readers see exact counters that never go back. The flush program runs in
+//! process context on its CPU and TC programs may interrupt it (never the reverse):
+//! [`flush_slot`] changes memory by single atomic adds only, and [`fill`] leaves slots alone
+//! while the flush runs.
 //!
 //! Why a hit passes what the fast path would, without looking at conntrack:
 //! - a slot is filled by the fast path for one packet-direction tuple (interface, direction,
@@ -36,9 +45,11 @@
 use aya_ebpf::{helpers::bpf_jiffies64, programs::TcContext};
 use bulkhead_abi::*;
 
+use core::sync::atomic::{compiler_fence, Ordering};
+
 use crate::{
-    datapath::{count_endpoint, count_rule, PASS},
-    maps::{stat, CPU_STATE, FLOW_GEN},
+    datapath::PASS,
+    maps::{CPU_STATE, DP_STATS, EP_STATS, FLOW_GEN, RULE_STATS},
     parse::{Pkt, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -49,8 +60,8 @@ pub const FLOW_SETS: usize = 128;
 pub const FLOW_WAYS: usize = 2;
 
 /// One cached flow: the tuple as the packet carries it, packed into three words the hit
-/// path compares whole (loads from the packet in network byte order, as they lie), and what
-/// it needs to pass and count the packet.
+/// path compares whole (loads from the packet in network byte order, as they lie), what it
+/// needs to pass the packet, and the hits not yet added to the counters.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FlowSlot {
@@ -63,20 +74,31 @@ pub struct FlowSlot {
     pub tag: u64,
     /// `bpf_jiffies64()` until which the slot may be used; 0 = empty.
     pub valid_until: u64,
-    /// `bpf_ktime_get_coarse_ns()` when the fast path filled the slot: the last-hit stamp
-    /// hits write (exact to within the slot's lifetime).
-    pub stamp_ns: u64,
     /// The VM's MAC as [`source_mac`] reads it, compared on packets the VM sends.
     pub mac: u64,
+    /// Hits not yet in the counters: packets times [`PENDING_PACKET`] plus bytes (see
+    /// [`flush_slot`]).
+    pub pending: u64,
     /// `RULE_STATS` index of the rule that admitted the flow (in the slot's epoch).
     pub rule_index: u32,
-    pub ep_slot: u32,
+    /// `EP_STATS` slot of the endpoint, with [`EP_MONITOR`] when the flow passes as a
+    /// monitor would-deny.
+    pub ep: u32,
     /// `FLOW_GEN` of the flow when the fast path looked its entry up.
     pub gen: u32,
-    /// `ACTION_ALLOW` or `ACTION_MONITOR`: what the counters record.
-    pub outcome: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u32,
 }
+
+/// One packet in [`FlowSlot::pending`]: the low 40 bits count bytes (a terabyte), the high
+/// 24 packets.
+pub const PENDING_PACKET: u64 = 1 << 40;
+/// A hit leaves a slot whose pending packets reach this to the fast path, which flushes it
+/// as it refills it: neither field can overflow (a slot lives at most a second anyway).
+const PENDING_FULL: u64 = 1 << 63;
+/// [`FlowSlot::ep`]'s flag for a flow admitted as a monitor would-deny.
+pub const EP_MONITOR: u32 = 1 << 31;
+
+const _: () = assert!(MAX_ENDPOINTS < EP_MONITOR);
 
 // One cache line per slot (where the per-CPU value's placement lets it be).
 const _: () = assert!(core::mem::size_of::<FlowSlot>() == 64);
@@ -230,7 +252,7 @@ fn is_flow(s: &FlowSlot, addrs: u64, ports_if: u64, tag: u64) -> bool {
 pub fn hit(ctx: &TcContext, dir: u8, ifindex: u32, cfg: &Config) -> Option<i32> {
     // The per-CPU value first: fewer values live across the lookup (a helper call to the
     // compiler), so fewer stack slots in a frame shared with the full path.
-    let st = CPU_STATE.get_ptr(0)?;
+    let st = CPU_STATE.get_ptr_mut(0)?;
     let data = ctx.data();
     let end = ctx.data_end();
     if data + V4_MIN > end {
@@ -260,12 +282,12 @@ pub fn hit(ctx: &TcContext, dir: u8, ifindex: u32, cfg: &Config) -> Option<i32> 
     let ports_if = pair(ports, ifindex);
     let tag = tag(cfg.epoch, proto, dir);
     // SAFETY: per-CPU value, used by this packet only (TC programs do not nest on a CPU).
-    let set = unsafe { (*st).flows.get(set_index(addrs, ports_if))? };
+    let set = unsafe { (*st).flows.get_mut(set_index(addrs, ports_if))? };
     let is = |s: &FlowSlot| is_flow(s, addrs, ports_if, tag);
     let s = if is(&set[0]) {
-        &set[0]
+        &mut set[0]
     } else if is(&set[1]) {
-        &set[1]
+        &mut set[1]
     } else {
         return None;
     };
@@ -276,13 +298,15 @@ pub fn hit(ctx: &TcContext, dir: u8, ifindex: u32, cfg: &Config) -> Option<i32> 
         // The verifier turns this helper into a load of `jiffies`: no call (a call's
         // return goes through a mitigation thunk on CPUs that need one).
         || jiffies() >= s.valid_until
+        || s.pending >= PENDING_FULL
     {
         return None;
     }
-    stat(STAT_FLOW_CACHE);
-    let len = ctx.len();
-    count_rule(s.rule_index, len, s.stamp_ns);
-    count_endpoint(s.ep_slot, dir, len, s.outcome, s.stamp_ns);
+    // Counted in the slot's own line, flushed into the counters later (see `flush_slot`):
+    // the counters' lines are most of what a hit would otherwise touch. The last-hit stamps
+    // need nothing: the fast path stamped them when it filled the slot, under a second ago.
+    // A plain add: the flush program never runs in the middle of a TC program.
+    s.pending += PENDING_PACKET | u64::from(ctx.len());
     Some(PASS)
 }
 
@@ -314,12 +338,18 @@ pub fn jiffies() -> u64 {
 /// Remember a flow the fast path has just passed (IPv4 only): claims the first way of the
 /// tuple's set (its flow moves to the second way, unless it is this one) and lets `write`
 /// set the rest of the slot in place (a slot built on the stack would grow the fast path's
-/// frame past what the verifier allows with the main program's).
+/// frame past what the verifier allows with the main program's). The slot it overwrites
+/// has its pending hits flushed first. Nothing is filled while the flush program runs on
+/// this CPU (this packet interrupted it): it reads slots it must find unchanged.
 #[inline(always)]
 pub fn fill(addrs: u64, ports_if: u64, tag: u64, write: impl FnOnce(&mut FlowSlot)) {
     let Some(st) = CPU_STATE.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: per-CPU value; the flag is written by the flush program only.
+    if unsafe { core::ptr::read_volatile(&(*st).flush_running) } != 0 {
+        return;
+    }
     // SAFETY: per-CPU value, used by this packet only.
     let Some(set) = (unsafe { (*st).flows.get_mut(set_index(addrs, ports_if)) }) else {
         return;
@@ -327,12 +357,97 @@ pub fn fill(addrs: u64, ports_if: u64, tag: u64, write: impl FnOnce(&mut FlowSlo
     // The same flow in an earlier epoch counts as this one: moving that dead slot to the
     // second way would push out a live flow.
     let w0 = &set[0];
-    if !(w0.addrs == addrs && w0.ports_if == ports_if && w0.tag >> 32 == tag >> 32) {
+    if w0.addrs == addrs && w0.ports_if == ports_if && w0.tag >> 32 == tag >> 32 {
+        flush_slot(&mut set[0]);
+    } else {
+        flush_slot(&mut set[1]);
         set[1] = set[0];
     }
     let s = &mut set[0];
     s.addrs = addrs;
     s.ports_if = ports_if;
     s.tag = tag;
+    s.pending = 0;
     write(s);
+}
+
+/// Add a slot's pending hits to the counters they belong to (`DP_STATS`, the rule of the
+/// slot's epoch, the endpoint) and take them out of the slot.
+///
+/// Run by the fast path before it overwrites a slot, and by [`flush_all`] (the flush
+/// program) for every slot. TC programs may interrupt the flush program on its CPU (it
+/// runs in process context) and the counters are also written by plain adds of TC programs:
+/// every change made here is one atomic instruction, so that no TC update can fall between
+/// its read and its write.
+#[inline(always)]
+fn flush_slot(s: &mut FlowSlot) {
+    // SAFETY: a field of a live per-CPU value.
+    let p = unsafe { core::ptr::read_volatile(&s.pending) };
+    if p == 0 {
+        return;
+    }
+    // Subtract what was read (not zero): a hit that interrupts us here stays pending.
+    atomic_add(&mut s.pending, p.wrapping_neg());
+    let packets = p / PENDING_PACKET;
+    let bytes = p % PENDING_PACKET;
+    if let Some(c) = DP_STATS.get_ptr_mut(STAT_FLOW_CACHE) {
+        // SAFETY: per-CPU value.
+        atomic_add(unsafe { &mut *c }, packets);
+    }
+    if let Some(r) = RULE_STATS.get_ptr_mut(s.rule_index) {
+        // SAFETY: per-CPU value.
+        let r = unsafe { &mut *r };
+        atomic_add(&mut r.packets, packets);
+        atomic_add(&mut r.bytes, bytes);
+    }
+    if let Some(e) = EP_STATS.get_ptr_mut(s.ep & !EP_MONITOR) {
+        // SAFETY: per-CPU value.
+        let e = unsafe { &mut *e };
+        let d = ((s.tag >> 40) & 1) as usize;
+        atomic_add(&mut e.allow_packets[d], packets);
+        atomic_add(&mut e.allow_bytes[d], bytes);
+        if s.ep & EP_MONITOR != 0 {
+            atomic_add(&mut e.monitor_packets[d], packets);
+        }
+    }
+}
+
+/// `*p += v` in one instruction (BPF_XADD). Written out: `core` has no atomic
+/// read-modify-write for this target, which lacks compare-and-swap.
+#[inline(always)]
+fn atomic_add(p: &mut u64, v: u64) {
+    // SAFETY: `p` is a valid, aligned u64; the instruction writes only `*p`.
+    unsafe {
+        core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p as *mut u64,
+                         v = in(reg) v, options(nostack, preserves_flags));
+    }
+}
+
+/// The flush program's work on this CPU: every slot's pending hits into the counters. The
+/// flag keeps TC programs that interrupt it from refilling slots meanwhile (a refilled slot
+/// would take another rule's hits under the rule index read here). Returns the CPU, so
+/// that the caller can check it ran where it meant to.
+#[inline(always)]
+pub fn flush_all() -> u32 {
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() };
+    let Some(st) = CPU_STATE.get_ptr_mut(0) else {
+        return cpu;
+    };
+    // SAFETY: per-CPU value; see above for the TC programs that may interrupt us.
+    unsafe { core::ptr::write_volatile(&mut (*st).flush_running, 1) };
+    compiler_fence(Ordering::SeqCst);
+    let mut i = 0;
+    while i < FLOW_SETS {
+        // SAFETY: per-CPU value.
+        if let Some(set) = unsafe { (*st).flows.get_mut(i) } {
+            flush_slot(&mut set[0]);
+            flush_slot(&mut set[1]);
+        }
+        i += 1;
+    }
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(&mut (*st).flush_running, 0) };
+    cpu
 }

@@ -43,6 +43,15 @@ pub fn bench_baseline(_ctx: TcContext) -> i32 {
     aya_ebpf::bindings::TC_ACT_UNSPEC
 }
 
+/// Adds the flow cache's pending hits on this CPU to the counters and returns the CPU.
+/// Never attached: userspace runs it on each CPU (`BPF_PROG_TEST_RUN`) before it reads
+/// counters. Written out rather than through `#[raw_tracepoint]`, whose wrapper returns 0.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp")]
+pub fn flush_flow_counts(_ctx: *mut core::ffi::c_void) -> u32 {
+    flowcache::flush_all()
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

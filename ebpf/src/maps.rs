@@ -54,10 +54,13 @@ pub const EP_CACHE_SLOTS: u32 = 256;
 
 /// The per-CPU working state of the established path in one value (one map, adjacent
 /// lines): the fast path's header copy and key next to the endpoint cache and the flow
-/// cache. Not pinned: it holds no state of its own (both caches are tagged with the epoch
-/// and rebuilt from the pinned tables on a miss).
+/// cache. Pinned: the flow cache holds hits not yet in the counters (both caches are
+/// tagged with the epoch and rebuilt from the pinned tables on a miss), which the next
+/// loader's flush program must find. A change of this layout needs a new `LAYOUT_VERSION`.
 #[repr(C)]
 pub struct CpuState {
+    /// Non-zero while the flush program runs on this CPU (see `flowcache::flush_all`).
+    pub flush_running: u64,
     pub fast: crate::fast::Scratch,
     /// Cache of `ENDPOINTS` for the current epoch, direct-mapped by ifindex (see
     /// `datapath::endpoint`).
@@ -68,17 +71,17 @@ pub struct CpuState {
 }
 
 #[map]
-pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
+pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::pinned(1, 0);
 
 // A per-CPU map value is at most 32 KiB (the per-CPU allocator's unit).
 const _: () = assert!(core::mem::size_of::<CpuState>() <= 32 * 1024);
 
 /// Flow generations: a counter per hash of a flow's addresses and ports, bumped by the full
 /// path whenever it creates a conntrack entry or moves a TCP entry to another state, so that
-/// flow-cache slots of that flow on every CPU stop standing for it (see `flowcache.rs`). Not
-/// pinned: it belongs to the caches of this program instance.
+/// flow-cache slots of that flow on every CPU stop standing for it (see `flowcache.rs`).
+/// Pinned with the flow cache it guards.
 #[map]
-pub static FLOW_GEN: Array<u32> = Array::with_max_entries(crate::flowcache::FLOW_GENS, 0);
+pub static FLOW_GEN: Array<u32> = Array::pinned(crate::flowcache::FLOW_GENS, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
 
