@@ -196,10 +196,15 @@ pub const STAT_FLOW_CACHE: u32 = 28;
 /// to choose, never the VM's (the kernel strips the outer tag into the packet's metadata
 /// before TC sees it, so the frame would otherwise be judged as the IP packet inside).
 pub const STAT_DROP_VLAN: u32 = 29;
+/// Flow-cache hits that reached the counters only after a policy swap: counted in
+/// `STAT_FLOW_CACHE` and here, not under a rule or an endpoint (whose indices the new
+/// policy may have given to others). The table writer flushes every CPU just before it
+/// swaps, so these are the hits of the last microseconds, or of a CPU it could not reach.
+pub const STAT_FLOW_CACHE_UNATTRIBUTED: u32 = 30;
 pub const STAT_COUNT: u32 = 32;
 
 /// Names of the datapath counters, in index order, for metrics and the CLI.
-pub const STAT_NAMES: [&str; 30] = [
+pub const STAT_NAMES: [&str; 31] = [
     "packets",
     "ct_hit",
     "ct_created",
@@ -230,4 +235,5 @@ pub const STAT_NAMES: [&str; 30] = [
     "ct_fast",
     "flow_cache",
     "drop_vlan",
+    "flow_cache_unattributed",
 ];

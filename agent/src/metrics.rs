@@ -26,6 +26,7 @@ pub struct Metrics {
     conntrack: IntGauge,
     datapath: IntGaugeVec,
     events_not_delivered: IntGauge,
+    unflushed_cpus: IntGauge,
     pub events_forwarded: IntCounter,
     pub events_dropped_by_agent: IntCounter,
 }
@@ -104,6 +105,13 @@ impl Metrics {
                     "Flow events the kernel could not deliver (rate limit or full ring)",
                 )?,
             ),
+            unflushed_cpus: reg(
+                &r,
+                IntGauge::new(
+                    "flow_cache_unflushed_cpus",
+                    "CPUs whose flow-cache hits the last counter read could not flush (cpuset, or a CPU busy with a real-time task): counters lag there",
+                )?,
+            ),
             events_forwarded: reg(
                 &r,
                 IntCounter::new("events_forwarded_total", "Flow records sent to the controller")?,
@@ -149,6 +157,12 @@ impl Metrics {
                     self.events_not_delivered.set(lost as i64);
                 }
                 Err(err) => tracing::warn!(%err, "reading datapath counters"),
+            }
+            let flush = t.maps().flow_flush.last_report();
+            self.unflushed_cpus.set(flush.unreached.len() as i64);
+            if !flush.unreached.is_empty() {
+                tracing::warn!(cpus = ?flush.unreached, problems = ?flush.problems,
+                    "flow-cache hits not flushed on some CPUs: their counters lag");
             }
             if let Some(a) = e.current() {
                 self.applied_commit_time.set(a.revision.commit_time_unix);

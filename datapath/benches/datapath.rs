@@ -967,8 +967,8 @@ fn bench_real_path_cost(b: &mut NetnsBench, secs: f64, dur: Duration) {
         let installed = b.install(c);
         for workload in ["iperf3", "RR"] {
             let counters = |b: &NetnsBench| {
-                [STAT_CT_HIT, STAT_CT_FAST, STAT_FLOW_CACHE]
-                    .map(|i| b.tables.maps().stat(i).expect("stat"))
+                let all = b.tables.maps().stats().expect("stats");
+                [STAT_CT_HIT, STAT_CT_FAST, STAT_FLOW_CACHE].map(|i| all[i as usize])
             };
             let c0 = counters(b);
             let before = b.run_stats(hooks);
@@ -1110,7 +1110,10 @@ fn event_run(
         STAT_EVENTS_RATE_LIMITED,
         STAT_EVENTS_RING_FULL,
     ];
-    let read = || stats.map(|s| tables.maps().stat(s).expect("stat"));
+    let read = || {
+        let all = tables.maps().stats().expect("stats");
+        stats.map(|s| all[s as usize])
+    };
     let before = read();
     let stop = Arc::new(AtomicBool::new(false));
     let got = Arc::new(AtomicU64::new(0));

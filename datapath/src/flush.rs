@@ -6,98 +6,172 @@
 //! CPU. Readers run that program on every CPU first, so counters read exact and never go
 //! back.
 //!
-//! The program must run *on* the CPU whose slots it flushes and never interrupt a TC
-//! program there (TC's counter updates are plain read-modify-writes): so it runs in this
-//! thread, moved to each CPU in turn, not by `BPF_F_TEST_RUN_ON_CPU`, whose cross-CPU call
-//! runs it in an interrupt. TC programs may interrupt it; the program is written for that
-//! (see `flowcache::flush_all` in the eBPF crate).
+//! The program must run *on* the CPU whose slots it flushes, and TC test runs run on the
+//! caller's CPU: one worker thread per CPU, pinned there, runs it on request. Flushing is
+//! best effort: a CPU this process may not run on (a cpuset, `AllowedCPUs=` on its slice),
+//! or whose worker does not answer in time (a real-time task owns the CPU), is reported
+//! in [`FlushReport::unreached`] and its hits stay pending, to be counted later; what is
+//! read is then a lower bound that still never goes back. A worker still busy with an
+//! earlier request is not waited for again.
 use std::path::Path;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use aya::programs::{RawTracePoint, RawTracePointRunOptions, TestRun};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 
 use crate::DatapathError;
 
 /// Name of the flush program in the object, and of its pin in the layout's directory.
 pub const FLUSH_PROGRAM: &str = "flush_flow_counts";
 
-/// Tries per CPU: the thread can be moved off a CPU between pinning and running (CPU
-/// hotplug, another thread changing our affinity).
-const TRIES: usize = 3;
+/// How long one flush waits for the workers, all together.
+const DEADLINE: Duration = Duration::from_millis(500);
 
-/// A handle on the pinned flush program.
+/// What one flush reached.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlushReport {
+    /// CPUs whose pending hits were not flushed (their counters lag until the next flush
+    /// or until the fast path overwrites the slots).
+    pub unreached: Vec<u32>,
+    /// Why, where a worker said (a worker that did not answer in time says nothing).
+    pub problems: Vec<String>,
+}
+
+struct Worker {
+    cpu: u32,
+    requests: SyncSender<()>,
+    answers: Receiver<Result<(), String>>,
+    /// A request sent and not answered yet.
+    busy: bool,
+}
+
+/// The per-CPU flush workers over the pinned flush program.
 pub struct FlowCountFlush {
-    prog: RawTracePoint,
+    workers: Mutex<Vec<Worker>>,
+    last: Mutex<FlushReport>,
 }
 
 impl FlowCountFlush {
-    /// Open the flush program pinned in `pin_dir` (by [`crate::Datapath::load`]).
+    /// Start a worker on every online CPU, each with its own handle on the flush program
+    /// pinned in `pin_dir` (by [`crate::Datapath::load`]). Workers end with this value.
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let prog = RawTracePoint::from_pin(pin_dir.join(FLUSH_PROGRAM)).map_err(|source| {
-            DatapathError::Program {
-                name: FLUSH_PROGRAM,
-                source,
-            }
-        })?;
-        Ok(Self { prog })
-    }
-
-    /// Move the pending hits of every online CPU into the counters. The calling thread's CPU
-    /// affinity is restored afterwards.
-    pub fn run(&self) -> Result<(), DatapathError> {
         let cpus = aya::util::online_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
-        let saved = current_affinity().map_err(DatapathError::Cpus)?;
-        let result = cpus.iter().try_for_each(|&cpu| self.run_on(cpu));
-        let restored = set_affinity(&saved).map_err(DatapathError::Cpus);
-        result.and(restored)
-    }
-
-    fn run_on(&self, cpu: u32) -> Result<(), DatapathError> {
-        let mut only = cpu_set();
-        // SAFETY: `only` is a valid cpu_set_t; CPU_SET ignores numbers beyond the set's size.
-        unsafe { libc::CPU_SET(cpu as usize, &mut only) };
-        for _ in 0..TRIES {
-            set_affinity(&only).map_err(|source| DatapathError::FlushCpu { cpu, source })?;
-            let ran = self
-                .prog
-                .test_run(RawTracePointRunOptions::new())
-                .map_err(|source| DatapathError::Program {
-                    name: FLUSH_PROGRAM,
-                    source,
-                })?;
-            if ran.return_value == cpu {
-                return Ok(());
-            }
+        let path = pin_dir.join(FLUSH_PROGRAM);
+        let program_err = |source| DatapathError::Program {
+            name: FLUSH_PROGRAM,
+            source,
+        };
+        let mut workers = Vec::with_capacity(cpus.len());
+        for cpu in cpus {
+            let prog = SchedClassifier::from_pin(&path).map_err(program_err)?;
+            let (requests, inbox) = mpsc::sync_channel::<()>(1);
+            let (reply, answers) = mpsc::sync_channel(1);
+            std::thread::Builder::new()
+                .name(format!("flush-cpu{cpu}"))
+                .spawn(move || worker(cpu, prog, inbox, reply))
+                .map_err(DatapathError::Cpus)?;
+            workers.push(Worker {
+                cpu,
+                requests,
+                answers,
+                busy: false,
+            });
         }
-        Err(DatapathError::FlushCpu {
-            cpu,
-            source: std::io::Error::other("the flush program kept running on another CPU"),
+        Ok(Self {
+            workers: Mutex::new(workers),
+            last: Mutex::new(FlushReport::default()),
         })
     }
-}
 
-fn cpu_set() -> libc::cpu_set_t {
-    // SAFETY: cpu_set_t is plain bits; all-zero is the empty set.
-    unsafe { std::mem::zeroed() }
-}
+    /// Move the pending hits of every CPU it can reach into the counters.
+    pub fn run(&self) -> FlushReport {
+        let mut workers = match self.workers.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut report = FlushReport::default();
+        for w in workers.iter_mut().filter(|w| !w.busy) {
+            w.busy = w.requests.send(()).is_ok();
+            if !w.busy {
+                report.unreached.push(w.cpu);
+            }
+        }
+        let deadline = Instant::now() + DEADLINE;
+        for w in workers.iter_mut() {
+            if !w.busy {
+                continue;
+            }
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match w.answers.recv_timeout(wait) {
+                Ok(Ok(())) => w.busy = false,
+                Ok(Err(problem)) => {
+                    w.busy = false;
+                    report.unreached.push(w.cpu);
+                    report.problems.push(problem);
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    w.busy = false;
+                    report.unreached.push(w.cpu);
+                }
+                Err(RecvTimeoutError::Timeout) => report.unreached.push(w.cpu),
+            }
+        }
+        report.unreached.sort_unstable();
+        if let Ok(mut last) = self.last.lock() {
+            *last = report.clone();
+        }
+        report
+    }
 
-fn current_affinity() -> std::io::Result<libc::cpu_set_t> {
-    let mut set = cpu_set();
-    // SAFETY: pid 0 is this thread; `set` is a valid buffer of the size passed.
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
-    if rc == 0 {
-        Ok(set)
-    } else {
-        Err(std::io::Error::last_os_error())
+    /// What the last flush reached (for metrics).
+    pub fn last_report(&self) -> FlushReport {
+        self.last.lock().map(|r| r.clone()).unwrap_or_default()
     }
 }
 
-fn set_affinity(set: &libc::cpu_set_t) -> std::io::Result<()> {
-    // SAFETY: pid 0 is this thread; `set` is a valid cpu_set_t. The kernel moves the thread
-    // before it returns when its CPU is not in the set.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(set), set) };
+/// One CPU's worker: pinned to `cpu`, runs the flush program on each request and answers
+/// whether it ran there.
+fn worker(
+    cpu: u32,
+    prog: SchedClassifier,
+    inbox: Receiver<()>,
+    reply: SyncSender<Result<(), String>>,
+) {
+    // The smallest frame a TC test run takes; the program does not look at it.
+    let frame = [0u8; 14];
+    while inbox.recv().is_ok() {
+        let answer = pin_to(cpu).and_then(|()| {
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&frame);
+            let ran = prog.test_run(opts).map_err(|e| e.to_string())?;
+            if ran.return_value == cpu {
+                Ok(())
+            } else {
+                Err(format!("ran on CPU {} instead", ran.return_value))
+            }
+        });
+        if reply.send(answer).is_err() {
+            return;
+        }
+    }
+}
+
+/// Move this thread to `cpu` (a no-op when it is there already and allowed nowhere else).
+fn pin_to(cpu: u32) -> Result<(), String> {
+    // SAFETY: cpu_set_t is plain bits; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t; CPU_SET ignores numbers beyond the set's size.
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    // SAFETY: pid 0 is this thread; `set` is a valid cpu_set_t of the size passed. The
+    // kernel moves the thread before it returns when its CPU is not in the set.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
     if rc == 0 {
         Ok(())
     } else {
-        Err(std::io::Error::last_os_error())
+        Err(format!(
+            "CPU {cpu}: sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        ))
     }
 }

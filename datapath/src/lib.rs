@@ -14,11 +14,11 @@ mod flush;
 mod tables;
 
 pub use attach::AttachOutcome;
-pub use flush::{FlowCountFlush, FLUSH_PROGRAM};
+pub use flush::{FlowCountFlush, FlushReport, FLUSH_PROGRAM};
 pub use tables::{counter_stamp_unix_nanos, ApplyReport, Occupancy, RuleCounters, Tables, GRACE};
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
-use aya::programs::{RawTracePoint, SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader};
 use bulkhead_abi::*;
 
@@ -60,10 +60,6 @@ pub enum DatapathError {
     BadTables(String),
     #[error("counting CPUs: {0}")]
     Cpus(std::io::Error),
-    /// The flow cache's pending hits on `cpu` could not be flushed: this thread cannot run
-    /// there (a cpuset or affinity limit on the process), so counters lag on that CPU.
-    #[error("flushing the flow cache's counts on CPU {cpu} (the process must be allowed to run on every CPU): {source}")]
-    FlushCpu { cpu: u32, source: std::io::Error },
 }
 
 /// The loaded datapath: programs verified by this kernel, maps pinned.
@@ -330,7 +326,7 @@ impl Datapath {
 /// loader's, for [`FlowCountFlush::open`].
 fn load_flush_program(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), DatapathError> {
     let name = FLUSH_PROGRAM;
-    let prog: &mut RawTracePoint = ebpf
+    let prog: &mut SchedClassifier = ebpf
         .program_mut(name)
         .ok_or(DatapathError::MissingMap(name))?
         .try_into()
@@ -369,14 +365,14 @@ impl Maps {
     /// `STAT_PACKETS` and `STAT_CT_HIT` include both.
     /// Flushes the flow cache's pending hits first (see [`FlowCountFlush`]).
     pub fn stat(&self, index: u32) -> Result<u64, DatapathError> {
-        self.flow_flush.run()?;
+        self.flow_flush.run();
         self.flushed_stat(index)
     }
 
     /// Every datapath counter (`STAT_COUNT`, indexed by `STAT_*`) as [`Maps::stat`] reads
     /// it, after one flush: for readers that take them all at once.
     pub fn stats(&self) -> Result<Vec<u64>, DatapathError> {
-        self.flow_flush.run()?;
+        self.flow_flush.run();
         (0..STAT_COUNT).map(|i| self.flushed_stat(i)).collect()
     }
 

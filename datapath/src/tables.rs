@@ -227,9 +227,6 @@ impl Tables {
         let desired = self.desired_image(tables, bindings, active, target, &mut report)?;
 
         self.wait_grace();
-        // Flow-cache hits of the target generation's last epoch are still pending in slots
-        // (no packet can add to them after the grace): into its counters before they fold.
-        self.maps.flow_flush.run()?;
         self.retire_rule_stats(target)?;
         let old = self.images[target].take().unwrap_or_default();
         // Until the writes finish the generation's content is unknown; on error it is
@@ -243,6 +240,9 @@ impl Tables {
             epoch: cfg.epoch.wrapping_add(1),
             ..cfg
         };
+        // Flow-cache hits of this epoch still pending after the flip would count as
+        // unattributed (`STAT_FLOW_CACHE_UNATTRIBUTED`): flush them under their rules now.
+        self.maps.flow_flush.run();
         self.maps
             .config
             .set(0, &next, 0)
@@ -568,7 +568,7 @@ impl Tables {
 
     /// Counters per rule id: retired revisions plus both live generations.
     pub fn rule_counters(&mut self) -> Result<BTreeMap<String, RuleCounters>, DatapathError> {
-        self.maps.flow_flush.run()?;
+        self.maps.flow_flush.run();
         let mut out = self.retired.clone();
         for gen in 0..2 {
             let names = self.image(gen)?.rules.clone();
@@ -588,7 +588,7 @@ impl Tables {
 
     /// Counters of the endpoint in `slot`, summed over CPUs (`last_hit_ns` is the maximum).
     pub fn endpoint_stats(&self, slot: u32) -> Result<EndpointStats, DatapathError> {
-        self.maps.flow_flush.run()?;
+        self.maps.flow_flush.run();
         let per_cpu = self
             .maps
             .ep_stats

@@ -331,7 +331,7 @@ fn try_established(
                 };
                 s.rule_index = rule_stats_index(cfg.generation(), e.rule);
                 s.ep = if outcome == ACTION_MONITOR {
-                    ep.slot | flowcache::EP_MONITOR
+                    ep.slot | flowcache::SLOT_EP_MONITOR
                 } else {
                     ep.slot
                 };

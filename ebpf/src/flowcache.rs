@@ -7,10 +7,8 @@
 //! fast path would add to `RULE_STATS`, `EP_STATS` and `DP_STATS` (six more lines). The
 //! fast path moves a slot's pending hits into those counters before it overwrites the slot
 //! ([`fill`]), and userspace runs the flush program ([`flush_all`]) on every CPU before it
-//! reads them, so readers see exact counters that never go back. The flush program runs in
-//! process context on its CPU and TC programs may interrupt it (never the reverse):
-//! [`flush_slot`] changes memory by single atomic adds only, and [`fill`] leaves slots alone
-//! while the flush runs.
+//! reads them, so readers see exact counters that never go back. See [`flush_slot`] for why
+//! the flush program and TC programs cannot spoil each other's updates.
 //!
 //! Why a hit passes what the fast path would, without looking at conntrack:
 //! - a slot is filled by the fast path for one packet-direction tuple (interface, direction,
@@ -49,7 +47,7 @@ use core::sync::atomic::{compiler_fence, Ordering};
 
 use crate::{
     datapath::PASS,
-    maps::{CPU_STATE, DP_STATS, EP_STATS, FLOW_GEN, RULE_STATS},
+    maps::{CONFIG, CPU_STATE, DP_STATS, EP_STATS, FLOW_GEN, RULE_STATS},
     parse::{Pkt, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -81,7 +79,7 @@ pub struct FlowSlot {
     pub pending: u64,
     /// `RULE_STATS` index of the rule that admitted the flow (in the slot's epoch).
     pub rule_index: u32,
-    /// `EP_STATS` slot of the endpoint, with [`EP_MONITOR`] when the flow passes as a
+    /// `EP_STATS` slot of the endpoint, with [`SLOT_EP_MONITOR`] when the flow passes as a
     /// monitor would-deny.
     pub ep: u32,
     /// `FLOW_GEN` of the flow when the fast path looked its entry up.
@@ -92,13 +90,13 @@ pub struct FlowSlot {
 /// One packet in [`FlowSlot::pending`]: the low 40 bits count bytes (a terabyte), the high
 /// 24 packets.
 pub const PENDING_PACKET: u64 = 1 << 40;
-/// A hit leaves a slot whose pending packets reach this to the fast path, which flushes it
+/// A hit leaves a slot whose pending packets reach 2^23 to the fast path, which flushes it
 /// as it refills it: neither field can overflow (a slot lives at most a second anyway).
 const PENDING_FULL: u64 = 1 << 63;
 /// [`FlowSlot::ep`]'s flag for a flow admitted as a monitor would-deny.
-pub const EP_MONITOR: u32 = 1 << 31;
+pub const SLOT_EP_MONITOR: u32 = 1 << 31;
 
-const _: () = assert!(MAX_ENDPOINTS < EP_MONITOR);
+const _: () = assert!(MAX_ENDPOINTS < SLOT_EP_MONITOR);
 
 // One cache line per slot (where the per-CPU value's placement lets it be).
 const _: () = assert!(core::mem::size_of::<FlowSlot>() == 64);
@@ -357,10 +355,11 @@ pub fn fill(addrs: u64, ports_if: u64, tag: u64, write: impl FnOnce(&mut FlowSlo
     // The same flow in an earlier epoch counts as this one: moving that dead slot to the
     // second way would push out a live flow.
     let w0 = &set[0];
+    let epoch = tag as u32;
     if w0.addrs == addrs && w0.ports_if == ports_if && w0.tag >> 32 == tag >> 32 {
-        flush_slot(&mut set[0]);
+        flush_slot(&mut set[0], epoch);
     } else {
-        flush_slot(&mut set[1]);
+        flush_slot(&mut set[1], epoch);
         set[1] = set[0];
     }
     let s = &mut set[0];
@@ -371,16 +370,20 @@ pub fn fill(addrs: u64, ports_if: u64, tag: u64, write: impl FnOnce(&mut FlowSlo
     write(s);
 }
 
-/// Add a slot's pending hits to the counters they belong to (`DP_STATS`, the rule of the
-/// slot's epoch, the endpoint) and take them out of the slot.
+/// Add a slot's pending hits to the counters they belong to and take them out of the slot:
+/// `DP_STATS`, and the rule and endpoint when the slot is of the current `epoch`. A slot of
+/// an earlier epoch names a rule index (and endpoint slot) of a generation that may have
+/// been folded and rewritten since: its hits go to `STAT_FLOW_CACHE_UNATTRIBUTED` instead.
 ///
 /// Run by the fast path before it overwrites a slot, and by [`flush_all`] (the flush
-/// program) for every slot. TC programs may interrupt the flush program on its CPU (it
-/// runs in process context) and the counters are also written by plain adds of TC programs:
-/// every change made here is one atomic instruction, so that no TC update can fall between
-/// its read and its write.
+/// program) for every slot. The flush program runs with bottom halves disabled on the
+/// kernels this is built for, so no TC program runs on its CPU meanwhile; where a kernel
+/// runs it with preemption disabled only, TC programs may interrupt it (never the reverse,
+/// as TC programs never run in an interrupt): every change made here is then one atomic
+/// instruction, so that no TC update falls between its read and its write, and [`fill`]
+/// leaves slots alone while it runs.
 #[inline(always)]
-fn flush_slot(s: &mut FlowSlot) {
+fn flush_slot(s: &mut FlowSlot, epoch: u32) {
     // SAFETY: a field of a live per-CPU value.
     let p = unsafe { core::ptr::read_volatile(&s.pending) };
     if p == 0 {
@@ -390,9 +393,10 @@ fn flush_slot(s: &mut FlowSlot) {
     atomic_add(&mut s.pending, p.wrapping_neg());
     let packets = p / PENDING_PACKET;
     let bytes = p % PENDING_PACKET;
-    if let Some(c) = DP_STATS.get_ptr_mut(STAT_FLOW_CACHE) {
-        // SAFETY: per-CPU value.
-        atomic_add(unsafe { &mut *c }, packets);
+    add_stat(STAT_FLOW_CACHE, packets);
+    if s.tag as u32 != epoch {
+        add_stat(STAT_FLOW_CACHE_UNATTRIBUTED, packets);
+        return;
     }
     if let Some(r) = RULE_STATS.get_ptr_mut(s.rule_index) {
         // SAFETY: per-CPU value.
@@ -400,15 +404,24 @@ fn flush_slot(s: &mut FlowSlot) {
         atomic_add(&mut r.packets, packets);
         atomic_add(&mut r.bytes, bytes);
     }
-    if let Some(e) = EP_STATS.get_ptr_mut(s.ep & !EP_MONITOR) {
+    if let Some(e) = EP_STATS.get_ptr_mut(s.ep & !SLOT_EP_MONITOR) {
         // SAFETY: per-CPU value.
         let e = unsafe { &mut *e };
         let d = ((s.tag >> 40) & 1) as usize;
         atomic_add(&mut e.allow_packets[d], packets);
         atomic_add(&mut e.allow_bytes[d], bytes);
-        if s.ep & EP_MONITOR != 0 {
+        if s.ep & SLOT_EP_MONITOR != 0 {
             atomic_add(&mut e.monitor_packets[d], packets);
         }
+    }
+}
+
+/// `DP_STATS[index] += v`, atomically.
+#[inline(always)]
+fn add_stat(index: u32, v: u64) {
+    if let Some(c) = DP_STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU value.
+        atomic_add(unsafe { &mut *c }, v);
     }
 }
 
@@ -434,15 +447,19 @@ pub fn flush_all() -> u32 {
     let Some(st) = CPU_STATE.get_ptr_mut(0) else {
         return cpu;
     };
-    // SAFETY: per-CPU value; see above for the TC programs that may interrupt us.
+    let Some(cfg) = CONFIG.get(0) else {
+        return cpu;
+    };
+    let epoch = cfg.epoch;
+    // SAFETY: per-CPU value; see `flush_slot` for the TC programs that may interrupt us.
     unsafe { core::ptr::write_volatile(&mut (*st).flush_running, 1) };
     compiler_fence(Ordering::SeqCst);
     let mut i = 0;
     while i < FLOW_SETS {
         // SAFETY: per-CPU value.
         if let Some(set) = unsafe { (*st).flows.get_mut(i) } {
-            flush_slot(&mut set[0]);
-            flush_slot(&mut set[1]);
+            flush_slot(&mut set[0], epoch);
+            flush_slot(&mut set[1], epoch);
         }
         i += 1;
     }

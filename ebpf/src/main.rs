@@ -44,12 +44,13 @@ pub fn bench_baseline(_ctx: TcContext) -> i32 {
 }
 
 /// Adds the flow cache's pending hits on this CPU to the counters and returns the CPU.
-/// Never attached: userspace runs it on each CPU (`BPF_PROG_TEST_RUN`) before it reads
-/// counters. Written out rather than through `#[raw_tracepoint]`, whose wrapper returns 0.
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "raw_tp")]
-pub fn flush_flow_counts(_ctx: *mut core::ffi::c_void) -> u32 {
-    flowcache::flush_all()
+/// Never attached: userspace runs it on each CPU (`BPF_PROG_TEST_RUN` on a dummy frame)
+/// before it reads counters. A TC program rather than a raw tracepoint because the kernel
+/// runs TC test runs with bottom halves disabled: no TC program runs on the CPU meanwhile,
+/// on `PREEMPT_RT` kernels too.
+#[classifier]
+pub fn flush_flow_counts(_ctx: TcContext) -> i32 {
+    flowcache::flush_all() as i32
 }
 
 #[cfg(not(test))]

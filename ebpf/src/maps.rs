@@ -75,6 +75,9 @@ pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::pinned(1, 0);
 
 // A per-CPU map value is at most 32 KiB (the per-CPU allocator's unit).
 const _: () = assert!(core::mem::size_of::<CpuState>() <= 32 * 1024);
+// Pinned: a change of this layout (size or meaning) needs a new LAYOUT_VERSION, or the next
+// loader reuses (or fails on) the old map. Update this size with the version.
+const _: () = assert!(core::mem::size_of::<CpuState>() == 23_680 && LAYOUT_VERSION == 2);
 
 /// Flow generations: a counter per hash of a flow's addresses and ports, bumped by the full
 /// path whenever it creates a conntrack entry or moves a TCP entry to another state, so that
