@@ -57,13 +57,20 @@ impl FlowCountFlush {
     /// pinned in `pin_dir` (by [`crate::Datapath::load`]). Workers end with this value.
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
         let cpus = aya::util::online_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
+        Self::open_on(pin_dir, &cpus)
+    }
+
+    /// [`FlowCountFlush::open`] for the given CPUs: lets tests add one that cannot be
+    /// reached.
+    #[doc(hidden)]
+    pub fn open_on(pin_dir: &Path, cpus: &[u32]) -> Result<Self, DatapathError> {
         let path = pin_dir.join(FLUSH_PROGRAM);
         let program_err = |source| DatapathError::Program {
             name: FLUSH_PROGRAM,
             source,
         };
         let mut workers = Vec::with_capacity(cpus.len());
-        for cpu in cpus {
+        for &cpu in cpus {
             let prog = SchedClassifier::from_pin(&path).map_err(program_err)?;
             let (requests, inbox) = mpsc::sync_channel::<()>(1);
             let (reply, answers) = mpsc::sync_channel(1);
@@ -159,13 +166,21 @@ fn worker(
 
 /// Move this thread to `cpu` (a no-op when it is there already and allowed nowhere else).
 fn pin_to(cpu: u32) -> Result<(), String> {
-    // SAFETY: cpu_set_t is plain bits; all-zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid cpu_set_t; CPU_SET ignores numbers beyond the set's size.
-    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-    // SAFETY: pid 0 is this thread; `set` is a valid cpu_set_t of the size passed. The
-    // kernel moves the thread before it returns when its CPU is not in the set.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    // A mask as long as `cpu` needs, and at least a `cpu_set_t`'s 1024 bits: hosts may have
+    // more CPUs than `cpu_set_t` holds.
+    let cpu = cpu as usize;
+    let mut mask = vec![0u64; (cpu / 64 + 1).max(16)];
+    mask[cpu / 64] |= 1 << (cpu % 64);
+    // SAFETY: pid 0 is this thread; `mask` is a CPU bit mask of the size passed (the
+    // kernel reads it as bytes of bits, as `cpu_set_t` is). The kernel moves the thread
+    // before it returns when its CPU is not in the mask.
+    let rc = unsafe {
+        libc::sched_setaffinity(
+            0,
+            std::mem::size_of_val(mask.as_slice()),
+            mask.as_ptr().cast::<libc::cpu_set_t>(),
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use bulkhead_abi::model::{EndpointTable, FlowQuery, HostTables, IpcacheEntry, PortClassRange};
 use bulkhead_abi::*;
 use bulkhead_datapath::events::EventReader;
-use bulkhead_datapath::{Datapath, Hook, Maps, Tables};
+use bulkhead_datapath::{Datapath, FlowCountFlush, Hook, Maps, Tables};
 use etherparse::PacketBuilder;
 use packets::*;
 
@@ -2640,4 +2640,42 @@ fn flow_cache_hits_are_counted_exactly_through_swaps_and_a_restart() {
         ep.allow_bytes[DIR_EGRESS as usize] - ep_before.allow_bytes[DIR_EGRESS as usize],
         7 * seg
     );
+}
+
+/// Flushing is best effort: a CPU the flush cannot run on (here one that does not exist; on
+/// a host, one outside the agent's cpuset) is reported, with why, and the CPUs it reaches
+/// are flushed all the same.
+#[test]
+fn flush_reports_a_cpu_it_cannot_reach_and_flushes_the_rest() {
+    let Some(e) = env("flush-unreached") else {
+        return;
+    };
+    pin_to_current_cpu();
+    // SAFETY: no arguments.
+    let cpu = unsafe { libc::sched_getcpu() } as u32;
+    let world = [203, 0, 113, 83];
+    let sp = port();
+    let out = |flags| out4(world, 6, tcp(sp, 443, 1, 1, flags));
+    let inn = |flags| in4(world, 6, tcp(443, sp, 1, 2, flags));
+    e.handshake(out, inn);
+    // The fast path, then four hits left pending in the slot.
+    for _ in 0..5 {
+        assert_eq!(e.vm_sends(&out(ACK | PSH)), PASS);
+    }
+    // DP_STATS as the kernel holds it, without a flush.
+    let raw = |e: &Env| -> u64 {
+        let v = e.t.maps().dp_stats.get(&STAT_FLOW_CACHE, 0).unwrap();
+        v.iter().sum()
+    };
+    let before = raw(&e);
+    let flush = FlowCountFlush::open_on(e.dp.pin_dir(), &[cpu, 4095]).unwrap();
+    let report = flush.run();
+    assert_eq!(report.unreached, vec![4095]);
+    assert!(
+        report.problems.iter().any(|p| p.contains("CPU 4095")),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(flush.last_report(), report);
+    assert_eq!(raw(&e) - before, 4, "this CPU's pending hits");
 }
