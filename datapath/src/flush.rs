@@ -13,7 +13,7 @@
 //! in [`FlushReport::unreached`] and its hits stay pending, to be counted later; what is
 //! read is then a lower bound that still never goes back. A worker still busy with an
 //! earlier request is not waited for again.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -48,6 +48,8 @@ struct Worker {
 
 /// The per-CPU flush workers over the pinned flush program.
 pub struct FlowCountFlush {
+    /// The flush program's pin.
+    path: PathBuf,
     workers: Mutex<Vec<Worker>>,
     last: Mutex<FlushReport>,
 }
@@ -65,27 +67,12 @@ impl FlowCountFlush {
     #[doc(hidden)]
     pub fn open_on(pin_dir: &Path, cpus: &[u32]) -> Result<Self, DatapathError> {
         let path = pin_dir.join(FLUSH_PROGRAM);
-        let program_err = |source| DatapathError::Program {
-            name: FLUSH_PROGRAM,
-            source,
-        };
-        let mut workers = Vec::with_capacity(cpus.len());
-        for &cpu in cpus {
-            let prog = SchedClassifier::from_pin(&path).map_err(program_err)?;
-            let (requests, inbox) = mpsc::sync_channel::<()>(1);
-            let (reply, answers) = mpsc::sync_channel(1);
-            std::thread::Builder::new()
-                .name(format!("flush-cpu{cpu}"))
-                .spawn(move || worker(cpu, prog, inbox, reply))
-                .map_err(DatapathError::Cpus)?;
-            workers.push(Worker {
-                cpu,
-                requests,
-                answers,
-                busy: false,
-            });
-        }
+        let workers = cpus
+            .iter()
+            .map(|&cpu| start_worker(&path, cpu))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
+            path,
             workers: Mutex::new(workers),
             last: Mutex::new(FlushReport::default()),
         })
@@ -98,6 +85,21 @@ impl FlowCountFlush {
             Err(poisoned) => poisoned.into_inner(),
         };
         let mut report = FlushReport::default();
+        // A CPU brought online since gets its worker now.
+        if let Ok(online) = aya::util::online_cpus() {
+            for cpu in online {
+                if workers.iter().any(|w| w.cpu == cpu) {
+                    continue;
+                }
+                match start_worker(&self.path, cpu) {
+                    Ok(w) => workers.push(w),
+                    Err(e) => {
+                        report.unreached.push(cpu);
+                        report.problems.push(format!("CPU {cpu}: {e}"));
+                    }
+                }
+            }
+        }
         for w in workers.iter_mut().filter(|w| !w.busy) {
             w.busy = w.requests.send(()).is_ok();
             if !w.busy {
@@ -135,6 +137,26 @@ impl FlowCountFlush {
     pub fn last_report(&self) -> FlushReport {
         self.last.lock().map(|r| r.clone()).unwrap_or_default()
     }
+}
+
+/// Start the worker of `cpu` with its own handle on the flush program pinned at `path`.
+fn start_worker(path: &Path, cpu: u32) -> Result<Worker, DatapathError> {
+    let prog = SchedClassifier::from_pin(path).map_err(|source| DatapathError::Program {
+        name: FLUSH_PROGRAM,
+        source,
+    })?;
+    let (requests, inbox) = mpsc::sync_channel::<()>(1);
+    let (reply, answers) = mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name(format!("flush-cpu{cpu}"))
+        .spawn(move || worker(cpu, prog, inbox, reply))
+        .map_err(|source| DatapathError::FlushWorker { cpu, source })?;
+    Ok(Worker {
+        cpu,
+        requests,
+        answers,
+        busy: false,
+    })
 }
 
 /// One CPU's worker: pinned to `cpu`, runs the flush program on each request and answers

@@ -60,6 +60,8 @@ pub enum DatapathError {
     BadTables(String),
     #[error("counting CPUs: {0}")]
     Cpus(std::io::Error),
+    #[error("starting the flow-cache flush worker of CPU {cpu}: {source}")]
+    FlushWorker { cpu: u32, source: std::io::Error },
 }
 
 /// The loaded datapath: programs verified by this kernel, maps pinned.
