@@ -14,7 +14,7 @@
 //! read is then a lower bound that still never goes back. A worker still busy with an
 //! earlier request is not waited for again.
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -98,6 +98,14 @@ impl FlowCountFlush {
                         report.problems.push(format!("CPU {cpu}: {e}"));
                     }
                 }
+            }
+        }
+        // A late answer to an earlier request: that worker is free again, and the flush it
+        // reports is older than this one, so it gets a new request below.
+        for w in workers.iter_mut().filter(|w| w.busy) {
+            match w.answers.try_recv() {
+                Ok(_) | Err(TryRecvError::Disconnected) => w.busy = false,
+                Err(TryRecvError::Empty) => {}
             }
         }
         for w in workers.iter_mut().filter(|w| !w.busy) {
